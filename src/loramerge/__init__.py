@@ -1,0 +1,16 @@
+"""loramerge: read, merge, convert, fuse and live-mix LoRA adapters of diffusion models, on ΔW.
+
+    import loramerge
+    a = loramerge.load("style.safetensors")
+    merged = loramerge.merge([a, "subject.safetensors"], weights=[0.7, 0.8], method="svd", rank=32)
+    merged.save("merged.safetensors", format="kohya")
+"""
+
+__version__ = "0.1.0"
+
+from .errors import LoraMergeError  # noqa: E402
+from .lora import LoRA, LoraModule  # noqa: E402
+from .merge import load, merge  # noqa: E402
+from .methods import METHODS  # noqa: E402
+
+__all__ = ["load", "merge", "LoRA", "LoraModule", "LoraMergeError", "METHODS", "__version__"]

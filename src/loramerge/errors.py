@@ -1,0 +1,50 @@
+"""Errors a user can act on: each renders as one line naming the file and the problem."""
+
+from __future__ import annotations
+
+import os
+
+
+class LoraMergeError(Exception):
+    """Base class. ``str(err)`` is the one-line message the CLI prints (exit code 2)."""
+
+    def __init__(self, message: str, path: str | os.PathLike | None = None):
+        self.message = message
+        self.path = os.fspath(path) if path is not None else None
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        text = " ".join(self.message.split())  # always one line
+        return f"{self.path}: {text}" if self.path else text
+
+
+class FileFormatError(LoraMergeError):
+    """The file is not a readable safetensors file (truncated, bad header, …)."""
+
+
+class NotALoraError(LoraMergeError):
+    """The file is readable but holds no LoRA, or keys that cannot be placed."""
+
+
+class UnsupportedModuleError(LoraMergeError):
+    """A module type that cannot be turned into an exact delta (e.g. DoRA without a base)."""
+
+
+class ArchitectureMismatchError(LoraMergeError):
+    """Inputs that belong to different model architectures."""
+
+
+class ShapeMismatchError(LoraMergeError):
+    """The same module has different shapes in two inputs."""
+
+
+class NonFiniteError(LoraMergeError):
+    """NaN or Inf values in a tensor."""
+
+
+class OutputPathError(LoraMergeError):
+    """The output location is unusable (equals an input, not writable, …)."""
+
+
+class UsageError(LoraMergeError):
+    """Bad arguments (unknown method, rank and energy both given, …)."""

@@ -1,0 +1,209 @@
+"""Merging LoRAs: align modules across inputs, check them, run a method per module, record
+provenance in the result's header.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import ArchitectureMismatchError, ShapeMismatchError, UsageError
+from .formats import read_lora
+from .lora import LoRA, LoraModule
+from .methods import ModuleContext, Term, get_method
+
+ProgressFn = Callable[[int, int, str], None]
+
+
+def load(path: str | os.PathLike, arch: str | None = None) -> LoRA:
+    """Read a LoRA file (kohya, LyCORIS, diffusers/PEFT, ComfyUI/ai-toolkit Flux) or PEFT folder."""
+    return read_lora(path, arch=arch)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def merge(
+    loras: Sequence[LoRA | str | os.PathLike],
+    weights: Sequence[float] | None = None,
+    method: str = "linear",
+    rank: int | None = None,
+    energy: float | None = None,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    progress: ProgressFn | None = None,
+    **params,
+) -> LoRA:
+    """Merge LoRAs on ΔW: result ΔW = method({wᵢ·ΔWᵢ}) per module.
+
+    ``weights`` default to 1. Modules present in only some inputs are merged from those
+    inputs alone (so they keep their own weight). ``rank``/``energy`` apply to methods that
+    re-factorise (``svd``…). The result's header records the recipe and each source's SHA-256.
+    """
+    inputs = [x if isinstance(x, LoRA) else load(x) for x in loras]
+    if not inputs:
+        raise UsageError("nothing to merge: give at least one LoRA")
+    weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
+    if len(weights) != len(inputs):
+        raise UsageError(f"{len(inputs)} LoRAs but {len(weights)} weights")
+    the_method = get_method(method)
+    resolved = the_method.resolve_params(params)
+    _check_rank_options(the_method, rank, energy)
+    _check_same_arch(inputs)
+    device = torch.device(device) if device is not None else default_device()
+
+    keys = sorted(set().union(*(lora.modules for lora in inputs)))
+    out_dtype = _common_dtype(inputs)
+    modules, stats = [], {}
+    for i, key in enumerate(keys):
+        terms = [Term(lora[key], w, idx) for idx, (lora, w) in enumerate(zip(inputs, weights)) if key in lora]
+        shape = _check_shapes(terms, inputs)
+        ctx = ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key))
+        up, down = the_method.fn(terms, ctx, **resolved)
+        first = terms[0].module
+        modules.append(LoraModule.from_factors(
+            first.component, first.name, up.cpu(), down.cpu(), shape,
+            kind="lora", dtype=out_dtype, bias=_merged_bias(terms),
+        ))
+        if ctx.stats:
+            stats[key] = dict(ctx.stats)
+        if progress:
+            progress(i + 1, len(keys), key)
+
+    recipe = {
+        "method": method,
+        "params": resolved,
+        "rank": rank,
+        "energy": energy,
+        "seed": seed,
+        "sources": [_source_entry(lora, w) for lora, w in zip(inputs, weights)],
+    }
+    result = LoRA(modules, inputs[0].arch, "merged", provenance(inputs, recipe))
+    result.stats = stats
+    return result
+
+
+def _check_rank_options(method, rank, energy) -> None:
+    if rank is not None and energy is not None:
+        raise UsageError("give --rank or --energy, not both")
+    if (rank is not None or energy is not None) and not method.uses_rank:
+        raise UsageError(f"method {method.name!r} keeps the exact sum; --rank/--energy apply to svd-type methods")
+    if rank is not None and rank < 1:
+        raise UsageError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise UsageError(f"--energy must lie in (0, 1], got {energy}")
+
+
+def _name(lora: LoRA) -> str:
+    return str(lora.path) if lora.path else repr(lora)
+
+
+def _check_same_arch(inputs: list[LoRA]) -> None:
+    first = inputs[0]
+    for other in inputs[1:]:
+        if other.arch != first.arch:
+            raise ArchitectureMismatchError(
+                f"is a {other.arch} LoRA but {_name(first)} is {first.arch}; "
+                "LoRAs of different architectures cannot be merged",
+                other.path,
+            )
+
+
+def _flat(shape: tuple[int, ...]) -> tuple[int, int]:
+    n = 1
+    for s in shape[1:]:
+        n *= s
+    return shape[0], n
+
+
+def _check_shapes(terms: list[Term], inputs: list[LoRA]) -> tuple[int, ...]:
+    """The common target shape; a 1×1 conv and a Linear of the same size are compatible."""
+    ref = terms[0].module
+    for t in terms[1:]:
+        m = t.module
+        compatible = _flat(m.shape) == _flat(ref.shape) and (
+            m.shape == ref.shape or (m.shape[2:] in ((), (1, 1)) and ref.shape[2:] in ((), (1, 1)))
+        )
+        if not compatible:
+            raise ShapeMismatchError(
+                f"module {m.key} has shape {tuple(m.shape)} here but {tuple(ref.shape)} in "
+                f"{_name(inputs[terms[0].index])}",
+                inputs[t.index].path,
+            )
+    return ref.shape
+
+
+def _merged_bias(terms: list[Term]) -> torch.Tensor | None:
+    biases = [(t.weight, t.module.bias_delta()) for t in terms if t.module.bias is not None]
+    if not biases:
+        return None
+    return sum(w * b for w, b in biases)
+
+
+def _common_dtype(inputs: list[LoRA]) -> torch.dtype:
+    dtypes = {lora.dtype for lora in inputs}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _module_seed(seed: int, key: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+# --------------------------------------------------------------------------------------------
+# provenance
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _source_entry(lora: LoRA, weight: float) -> dict:
+    entry: dict = {"weight": weight, "arch": lora.arch, "format": lora.format}
+    if lora.path is not None:
+        entry["file"] = lora.path.name
+        if lora.path.is_file():
+            entry["sha256"] = sha256_file(lora.path)
+    return entry
+
+
+def _title(lora: LoRA) -> str:
+    return lora.metadata.get("modelspec.title") or (lora.path.stem if lora.path else "in-memory LoRA")
+
+
+def provenance(inputs: list[LoRA], recipe: dict) -> dict[str, str]:
+    """Header fields naming what a merge was made from and how."""
+    return {
+        "modelspec.title": " + ".join(_title(lora) for lora in inputs),
+        "modelspec.merged_from": ", ".join(_title(lora) for lora in inputs),
+        "modelspec.date": merge_date(inputs),
+        "loramerge.recipe": json.dumps(recipe, sort_keys=True, separators=(",", ":")),
+    }
+
+
+def merge_date(inputs: list[LoRA]) -> str:
+    """A date that depends on the inputs only, so a rerun writes identical bytes.
+
+    SOURCE_DATE_EPOCH if set (the reproducible-builds convention); else the newest date the
+    inputs' own headers give; else the newest input file's modification time (UTC).
+    """
+    epoch = os.environ.get("SOURCE_DATE_EPOCH")
+    if epoch:
+        return _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    dates = [lora.metadata.get("modelspec.date") for lora in inputs if lora.metadata.get("modelspec.date")]
+    if dates:
+        return max(dates)
+    mtimes = [Path(lora.path).stat().st_mtime for lora in inputs if lora.path and Path(lora.path).exists()]
+    when = max(mtimes) if mtimes else 0
+    return _dt.datetime.fromtimestamp(int(when), _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")

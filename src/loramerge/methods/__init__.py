@@ -1,0 +1,103 @@
+"""Merge methods: small registered functions with declared parameters.
+
+A method merges one module at a time. It receives the weighted inputs that hold the module
+(:class:`Term`) and a :class:`ModuleContext`, and returns factors (up m×k, down k×n) whose
+product is the merged ΔW (scale folded in). Register a method with :func:`register`; the
+CLI, recipes and the Python API all find it in :data:`METHODS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import UsageError
+from ..lora import LoraModule
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    kind: type
+    default: Any
+    help: str
+    choices: tuple | None = None
+    low: float | None = None
+    high: float | None = None
+
+    def coerce(self, value: Any) -> Any:
+        try:
+            value = self.kind(value)
+        except (TypeError, ValueError):
+            raise UsageError(f"parameter {self.name!r} must be a {self.kind.__name__}, got {value!r}") from None
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"parameter {self.name!r} must be one of {', '.join(map(str, self.choices))}")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise UsageError(f"parameter {self.name!r} must lie in [{self.low}, {self.high}], got {value}")
+        return value
+
+
+@dataclass
+class Term:
+    """One input's contribution to one module: weight · ΔW of ``module``."""
+
+    module: LoraModule
+    weight: float
+    index: int  # position of the input LoRA
+
+    def scaled_factors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.module.scaled_factors(self.weight, torch.float32, device)
+
+
+@dataclass
+class ModuleContext:
+    key: str
+    shape: tuple[int, ...]
+    rank: int | None
+    energy: float | None
+    device: torch.device
+    seed: int  # derived from the run's seed and the module key: same inputs → same result
+    stats: dict[str, float] = field(default_factory=dict)  # what the method measured
+
+
+MethodFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    fn: MethodFn
+    summary: str
+    params: tuple[Param, ...] = ()
+    uses_rank: bool = False  # --rank / --energy apply
+
+    def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
+        known = {p.name: p for p in self.params}
+        unknown = sorted(set(given) - set(known))
+        if unknown:
+            allowed = ", ".join(known) or "none"
+            raise UsageError(f"method {self.name!r} has no parameter {unknown[0]!r} (parameters: {allowed})")
+        return {name: p.coerce(given.get(name, p.default)) for name, p in known.items()}
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(name: str, summary: str, params: tuple[Param, ...] = (), uses_rank: bool = False):
+    def decorate(fn: MethodFn) -> MethodFn:
+        METHODS[name] = Method(name, fn, summary, params, uses_rank)
+        return fn
+
+    return decorate
+
+
+def get_method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UsageError(f"unknown merge method {name!r}; available: {', '.join(sorted(METHODS))}") from None
+
+
+from . import linear  # noqa: E402,F401  (registers linear, cat, svd)

@@ -1,0 +1,131 @@
+"""What ``loramerge inspect`` reports about a LoRA: architecture, format, components, ranks,
+alphas, per-block norms of ΔW (computed from the factors) and the provenance a merge recorded.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import math
+
+from . import linalg
+from .formats import archs
+from .lora import LoRA, LoraModule
+
+
+def block_of(module: LoraModule) -> str:
+    """The block a module belongs to, for per-block summaries and block weights."""
+    parts = module.name.split(".")
+    if module.component == "unet":
+        if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
+            return f"unet.{parts[0]}.{parts[1]}"
+        return f"unet.{parts[0]}"
+    if module.component == "transformer":
+        if parts[0] in ("transformer_blocks", "single_transformer_blocks") and len(parts) > 1:
+            return f"transformer.{parts[0]}.{parts[1]}"
+        return "transformer.other"
+    return module.component
+
+
+def delta_norm(module: LoraModule) -> float:
+    """‖ΔW‖_F from the factors."""
+    up, down = module.factors()
+    return abs(module.scale) * linalg.frobenius_norm_of_product(up, down)
+
+
+def summarize(lora: LoRA, norms: bool = True) -> dict:
+    spec = archs.spec(lora.arch)
+    components = collections.Counter(m.component for m in lora)
+    blocks: dict[str, dict] = {}
+    for m in lora:
+        entry = blocks.setdefault(block_of(m), {"modules": 0, "ranks": collections.Counter(), "norm_sq": 0.0})
+        entry["modules"] += 1
+        entry["ranks"][m.rank] += 1
+        if norms:
+            entry["norm_sq"] += delta_norm(m) ** 2
+    recipe = lora.metadata.get("loramerge.recipe")
+    return {
+        "file": str(lora.path) if lora.path else None,
+        "architecture": lora.arch,
+        "architecture_label": spec.label,
+        "format": lora.format,
+        "dtype": str(lora.dtype).replace("torch.", ""),
+        "modules": len(lora),
+        "components": {c: components[c] for c in lora.components},
+        "kinds": dict(collections.Counter(m.kind for m in lora)),
+        "ranks": _counts(m.rank for m in lora),
+        "alphas": _counts(m.alpha for m in lora),
+        "conv_modules": sum(m.is_conv for m in lora),
+        "blocks": {
+            name: {
+                "modules": b["modules"],
+                "ranks": _counts(b["ranks"].elements()),
+                **({"delta_norm": math.sqrt(b["norm_sq"])} if norms else {}),
+            }
+            for name, b in sorted(blocks.items(), key=lambda kv: _block_order(kv[0]))
+        },
+        "title": lora.metadata.get("modelspec.title"),
+        "date": lora.metadata.get("modelspec.date"),
+        "merged_from": lora.metadata.get("modelspec.merged_from"),
+        "recipe": json.loads(recipe) if recipe else None,
+    }
+
+
+def _counts(values) -> dict[str, int]:
+    counter = collections.Counter(values)
+    return {_fmt(k): v for k, v in sorted(counter.items())}
+
+
+def _fmt(x) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{float(x):g}"
+
+
+def _block_order(name: str):
+    parts = name.split(".")
+    order = {"unet": 0, "transformer": 0, "text_encoder": 1, "text_encoder_2": 2, "text_encoder_3": 3}
+    kind = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2, "transformer_blocks": 0, "single_transformer_blocks": 1}
+    index = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else -1
+    return (order.get(parts[0], 9), kind.get(parts[1], 5) if len(parts) > 1 else 0, index, name)
+
+
+def format_summary(summary: dict) -> str:
+    """Human-readable text of :func:`summarize`'s result."""
+    lines = []
+    if summary["file"]:
+        lines.append(f"file          {summary['file']}")
+    lines += [
+        f"architecture  {summary['architecture']} ({summary['architecture_label']})",
+        f"format        {summary['format']}   dtype {summary['dtype']}",
+        f"modules       {summary['modules']}  ("
+        + ", ".join(f"{c}: {n}" for c, n in summary["components"].items())
+        + ")",
+        "kinds         " + ", ".join(f"{k}: {n}" for k, n in summary["kinds"].items()),
+        "ranks         " + _dist(summary["ranks"]),
+        "alphas        " + _dist(summary["alphas"]),
+    ]
+    if summary["conv_modules"]:
+        lines.append(f"conv modules  {summary['conv_modules']}")
+    for key in ("title", "date", "merged_from"):
+        if summary.get(key):
+            lines.append(f"{key:<13} {summary[key]}")
+    if summary.get("recipe"):
+        r = summary["recipe"]
+        params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items())
+        extra = [f"rank={r['rank']}" if r.get("rank") else "", f"energy={r['energy']}" if r.get("energy") else ""]
+        lines.append("recipe        " + " ".join(x for x in [r.get("method", "?"), params, *extra] if x))
+        for s in r.get("sources", []):
+            sha = s.get("sha256", "")[:12]
+            lines.append(f"  source      {s.get('file', '?')} × {s.get('weight')}  sha256 {sha}…")
+    has_norms = any("delta_norm" in b for b in summary["blocks"].values())
+    lines.append("")
+    lines.append(f"{'block':<40} {'modules':>7}  {'ranks':<14}" + ("  ‖ΔW‖_F" if has_norms else ""))
+    for name, b in summary["blocks"].items():
+        norm = f"  {b['delta_norm']:.4g}" if has_norms else ""
+        lines.append(f"{name:<40} {b['modules']:>7}  {_dist(b['ranks']):<14}{norm}")
+    return "\n".join(lines)
+
+
+def _dist(counts: dict[str, int]) -> str:
+    if len(counts) == 1:
+        return next(iter(counts))
+    return ", ".join(f"{k}×{v}" for k, v in counts.items())

@@ -1,0 +1,172 @@
+"""Training loops of the tiny world (VAE, text encoder + UNet, classifier, style LoRAs).
+
+The scripts in scripts/ are thin wrappers around these functions; ``steps`` arguments let the
+same code run as a seconds-long smoke test or as the full run.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+from . import detectors as det
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def cosine_lr(opt, step: int, total: int, base_lr: float, warmup: int = 50) -> None:
+    """Linear warm-up, then cosine decay to 5% of the base rate."""
+    if step < warmup:
+        lr = base_lr * (step + 1) / warmup
+    else:
+        progress = (step - warmup) / max(1, total - warmup)
+        lr = base_lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
+class Log:
+    """Prints progress lines with the elapsed time."""
+
+    def __init__(self, quiet: bool = False):
+        self.start, self.quiet = time.time(), quiet
+
+    def __call__(self, msg: str) -> None:
+        if not self.quiet:
+            print(f"[{time.time() - self.start:7.1f}s] {msg}", flush=True)
+
+
+def all_styles(images: torch.Tensor, labels: torch.Tensor):
+    """Plain digits followed by every style: (images, labels, style index; 0 = plain)."""
+    xs, ys, ss = [images], [labels], [torch.zeros(len(labels), dtype=torch.long)]
+    for i, style in enumerate(D.STYLES, start=1):
+        xs.append(D.TRANSFORMS[style](images))
+        ys.append(labels)
+        ss.append(torch.full((len(labels),), i, dtype=torch.long))
+    return torch.cat(xs), torch.cat(ys), torch.cat(ss)
+
+
+# ---- detectors ------------------------------------------------------------------------------
+
+def fit_detectors() -> dict:
+    """Thresholds from the training split; AUC and hit rates on the held-out split."""
+    train_x, _ = D.load_split("train")
+    held_x, _ = D.load_split("held_out")
+    result = {}
+    for style, score in det.SCORES.items():
+        transform = D.TRANSFORMS[style]
+        threshold = det.fit_threshold(score(train_x).numpy(), score(transform(train_x)).numpy())
+        neg, pos = score(held_x).numpy(), score(transform(held_x)).numpy()
+        result[style] = {
+            "score": score.__name__,
+            "threshold": round(threshold, 5),
+            "held_out_auc": round(det.roc_auc(neg, pos), 5),
+            "held_out_true_positive_rate": round(float((pos > threshold).mean()), 4),
+            "held_out_false_positive_rate": round(float((neg > threshold).mean()), 4),
+        }
+    return result
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Small shifts, blur, contrast changes and noise: generated digits are never pixel-perfect."""
+    n = len(x)
+    shift = (torch.randint(-2, 3, (n, 2), generator=gen).float() * 2.0 / D.CANVAS)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = shift
+    x = F.grid_sample(x, F.affine_grid(theta, list(x.shape), align_corners=False), align_corners=False)
+    blur = torch.tensor([1.0, 2.0, 1.0])
+    kernel = (blur[:, None] * blur[None, :] / 16.0).view(1, 1, 3, 3)
+    blurred = F.conv2d(x, kernel, padding=1)
+    mix = torch.rand(n, 1, 1, 1, generator=gen)
+    x = mix * blurred + (1 - mix) * x
+    x = x * (0.7 + 0.6 * torch.rand(n, 1, 1, 1, generator=gen))
+    x = x + 0.05 * torch.randn(x.shape, generator=gen)
+    return x.clamp(0.0, 1.0)
+
+
+def train_classifier(steps: int, seed: int = 0, batch: int = 128, log=print):
+    seed_everything(seed)
+    images, labels = D.load_split("train")
+    x, y, _ = all_styles(images, labels)
+    net = det.DigitNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(seed)
+    net.train()
+    for step in range(steps):
+        cosine_lr(opt, step, steps, 2e-3)
+        idx = torch.randint(0, len(x), (batch,), generator=gen)
+        loss = F.cross_entropy(net(_augment(x[idx], gen)), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0 or step == steps - 1:
+            log(f"classifier step {step}/{steps} loss {loss.item():.4f}")
+    return net.eval()
+
+
+def classifier_accuracy(net) -> dict:
+    """Held-out accuracy per style (plain included)."""
+    held_x, held_y = D.load_split("held_out")
+    out = {"plain": float((det.classify(net, held_x) == held_y.numpy()).mean())}
+    for style in D.STYLES:
+        pred = det.classify(net, D.TRANSFORMS[style](held_x))
+        out[style] = float((pred == held_y.numpy()).mean())
+    out["all"] = float(np.mean(list(out.values())))
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+# ---- VAE ------------------------------------------------------------------------------------
+
+def to_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Grey [0, 1] (N, 1, H, W) -> the VAE's RGB [-1, 1]."""
+    return (x * 2.0 - 1.0).expand(-1, 3, -1, -1)
+
+
+def from_rgb(x: torch.Tensor) -> torch.Tensor:
+    return ((x.mean(dim=1, keepdim=True) + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+def train_vae(vae, steps: int, seed: int = 0, batch: int = 64, lr: float = 2e-3, kl_weight: float = 1e-4, log=print):
+    """Reconstruction (L1 + L2) with a light KL term, on plain and styled training digits, so the
+    latent space can express every style the LoRAs will ask for."""
+    seed_everything(seed)
+    images, labels = D.load_split("train")
+    x, _, _ = all_styles(images, labels)
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    for step in range(steps):
+        cosine_lr(opt, step, steps, lr)
+        target = to_rgb(x[torch.randint(0, len(x), (batch,), generator=gen)])
+        posterior = vae.encode(target).latent_dist
+        recon = vae.decode(posterior.sample(generator=gen)).sample
+        kl = posterior.kl().mean() / posterior.mean[0].numel()
+        loss = (recon - target).abs().mean() + (recon - target).pow(2).mean() + kl_weight * kl
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} kl {kl.item():.3f}")
+    return vae.eval()
+
+
+@torch.no_grad()
+def encode(vae, images: torch.Tensor) -> torch.Tensor:
+    """Unscaled posterior means of grey images."""
+    return torch.cat([vae.encode(to_rgb(chunk)).latent_dist.mean for chunk in images.split(256)])
+
+
+@torch.no_grad()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    return torch.cat([from_rgb(vae.decode(chunk).sample) for chunk in latents.split(256)])
