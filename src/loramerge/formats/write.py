@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -97,6 +98,13 @@ def kohya_tensors(lora: LoRA, spec: archs.ArchSpec, dtype: torch.dtype) -> dict[
             continue
         up, down = _storage_factors(module, dtype)
         _put_kohya(tensors, kohya_name(spec, module), up, down, module.alpha, module.bias_delta(), dtype)
+    outside_blocks = sorted(n for n in fused_groups if not n.startswith(("double_blocks", "single_blocks")))
+    if outside_blocks:
+        warnings.warn(
+            f"kohya-format Flux modules outside the blocks ({', '.join(outside_blocks)}) load in ComfyUI and "
+            "sd-scripts, but diffusers (≤ 0.42) drops them silently; write --format diffusers for diffusers",
+            stacklevel=3,
+        )
     for bfl_name, members in fused_groups.items():
         up, down, alpha = fuse_members(targets[bfl_name], members, dtype)
         key = spec.kohya_prefix["transformer"] + flatten(bfl_name)
@@ -168,6 +176,13 @@ def diffusers_tensors(lora: LoRA, dtype: torch.dtype) -> dict[str, torch.Tensor]
     return tensors
 
 
+def _peft_target(name: str) -> str:
+    """A module name as a PEFT target/pattern. PEFT matches a target as a dotted suffix, so
+    'encoder.layers.0.…' finds CLIP layers whether transformers nests them under
+    ``text_model`` (< 5) or not (≥ 5); the full 'text_model.…' would miss the latter."""
+    return name.removeprefix("text_model.")
+
+
 def adapter_metadata(lora: LoRA) -> dict:
     """diffusers' ``lora_adapter_metadata``: a LoraConfig per component, keys prefixed."""
     flat = {}
@@ -178,9 +193,9 @@ def adapter_metadata(lora: LoRA) -> dict:
         config = {
             "r": r,
             "lora_alpha": alpha,
-            "rank_pattern": {m.name: m.rank for m in mods if m.rank != r},
-            "alpha_pattern": {m.name: m.alpha for m in mods if m.alpha != alpha},
-            "target_modules": sorted(m.name for m in mods),
+            "rank_pattern": {_peft_target(m.name): m.rank for m in mods if m.rank != r},
+            "alpha_pattern": {_peft_target(m.name): m.alpha for m in mods if m.alpha != alpha},
+            "target_modules": sorted(_peft_target(m.name) for m in mods),
             "use_dora": False,
             "use_rslora": False,
             "lora_bias": any(m.bias is not None for m in mods),

@@ -1,0 +1,248 @@
+"""Tiny diffusers pipelines built from configs, and LoRA files written by hand (not by loramerge),
+for tests that check loramerge against diffusers itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import re
+import warnings
+
+import torch
+from safetensors.torch import save_file
+
+from loramerge.formats.names import UnetLayout, diffusers_to_sgm
+
+
+def _clip(hidden=32, projection=False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=1000, max_position_embeddings=77, projection_dim=hidden,
+                            bos_token_id=0, eos_token_id=2, pad_token_id=1)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=8)
+
+
+def sd15_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8, sample_size=16,
+    )
+
+
+def sdxl_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64, 64), layers_per_block=2,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2), cross_attention_dim=64, attention_head_dim=(2, 4, 8),
+        norm_num_groups=8, sample_size=16, use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+    )
+
+
+def sd15_pipeline():
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    return StableDiffusionPipeline(vae=_vae(), text_encoder=_clip(), tokenizer=None, unet=sd15_unet(),
+                                   scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def sdxl_pipeline():
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+
+    torch.manual_seed(0)
+    return StableDiffusionXLPipeline(vae=_vae(), text_encoder=_clip(), text_encoder_2=_clip(projection=True),
+                                     tokenizer=None, tokenizer_2=None, unet=sdxl_unet(),
+                                     scheduler=DDIMScheduler(steps_offset=1, clip_sample=False))
+
+
+def flux_pipeline(wide: bool = False):
+    """Tiny Flux; ``wide`` builds one single block at Flux.1's real width (3072, MLP 12288),
+    because diffusers hard-codes those split sizes for kohya ``single_blocks_*_linear1``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    if wide:
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=0, num_single_layers=1,
+                                             attention_head_dim=128, num_attention_heads=24, joint_attention_dim=32,
+                                             pooled_projection_dim=32, axes_dims_rope=(16, 56, 56))
+    else:
+        transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
+                                             attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                             pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
+    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000))
+    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), text_encoder=_clip(),
+                        tokenizer=None, text_encoder_2=t5, tokenizer_2=None, transformer=transformer)
+
+
+# --------------------------------------------------------------------------------------------
+
+_TARGET = re.compile(
+    r"(to_(q|k|v)|to_out\.0|ff\.net\.(0\.proj|2)|attentions\.\d+\.proj_(in|out)|(q|k|v|out)_proj|fc(1|2)"
+    r"|add_(q|k|v)_proj|to_add_out|ff_context\.net\.(0\.proj|2)|proj_mlp|single_transformer_blocks\.\d+\.proj_out"
+    r"|resnets\.\d+\.(conv1|conv2|time_emb_proj)|norm1\.linear|norm\.linear|norm_out\.linear|x_embedder)$"
+)
+
+
+def canonical(component: str, name: str) -> str:
+    if component.startswith("text_encoder") and name.startswith("encoder."):
+        return "text_model." + name  # transformers ≥ 5 flattens CLIPTextModel
+    return name
+
+
+def targets(pipe, components, pattern=_TARGET) -> dict[tuple[str, str], torch.nn.Module]:
+    """{(component, canonical module name): module} of the LoRA-able layers of a pipeline."""
+    found = {}
+    for component in components:
+        model = getattr(pipe, component)
+        for name, module in model.named_modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and pattern.search(name):
+                found[(component, canonical(component, name))] = module
+    return found
+
+
+def weight_of(pipe, component: str, name: str) -> torch.Tensor:
+    model = getattr(pipe, component)
+    modules = dict(model.named_modules())
+    module = modules.get(name) or modules[name.removeprefix("text_model.")]
+    return module.base_layer.weight if hasattr(module, "base_layer") else module.weight
+
+
+def random_factors(mods: dict, rank: int, alpha: float | None, seed: int, scale=0.5):
+    """{(component, name): (up, down, alpha)} in the layer's storage layout (conv: 4-D)."""
+    gen = torch.Generator().manual_seed(seed)
+    factors = {}
+    for key, module in sorted(mods.items()):
+        w = module.weight
+        r = min(rank, w.shape[0], w[0].numel())
+        if w.dim() == 4:
+            down = torch.randn(r, *w.shape[1:], generator=gen) / w[0].numel() ** 0.5
+            up = torch.randn(w.shape[0], r, 1, 1, generator=gen) * scale / r**0.5
+        else:
+            down = torch.randn(r, w.shape[1], generator=gen) / w.shape[1] ** 0.5
+            up = torch.randn(w.shape[0], r, generator=gen) * scale / r**0.5
+        factors[key] = (up, down, alpha)
+    return factors
+
+
+def delta_of(up, down, alpha, shape) -> torch.Tensor:
+    """ΔW = alpha/r · up @ down, computed directly (float32)."""
+    r = down.shape[0]
+    scale = (alpha if alpha else r) / r
+    return (scale * (up.reshape(up.shape[0], r) @ down.reshape(r, -1))).reshape(shape)
+
+
+# kohya-format writing by hand: prefixes and names as kohya sd-scripts writes them.
+_KOHYA_TE = {"sd1": {"text_encoder": "lora_te_"},
+             "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
+             "flux": {"text_encoder": "lora_te1_"}}
+
+
+def kohya_key(arch: str, component: str, name: str) -> str:
+    if component in ("unet", "transformer"):
+        if arch == "sdxl":
+            name = diffusers_to_sgm(name, UnetLayout(up_blocks_with_attention=(0, 1)))
+        return "lora_unet_" + name.replace(".", "_")
+    return _KOHYA_TE[arch][component] + name.replace(".", "_")
+
+
+def write_kohya(path, arch: str, factors: dict, dtype=torch.float32) -> None:
+    sd = {}
+    for (component, name), (up, down, alpha) in factors.items():
+        key = kohya_key(arch, component, name)
+        sd[f"{key}.lora_up.weight"] = up.to(dtype).contiguous()
+        sd[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
+        if alpha is not None:
+            sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+    save_file(sd, str(path), metadata={"ss_network_module": "networks.lora"})
+
+
+def write_flux_kohya(path, factors: dict, fused: dict) -> None:
+    """kohya Flux: ``fused`` maps a BFL name to its diffusers members (shared down, stacked up)."""
+    sd = {}
+    for bfl, members in fused.items():
+        ups = [factors[("transformer", m)][0] for m in members]
+        down = factors[("transformer", members[0])][1]
+        alpha = factors[("transformer", members[0])][2]
+        key = "lora_unet_" + bfl.replace(".", "_")
+        up = torch.cat(ups, 0)
+        if bfl == "final_layer.adaLN_modulation.1":  # BFL emits (shift, scale), diffusers (scale, shift)
+            scale, shift = up.chunk(2, 0)
+            up = torch.cat([shift, scale], 0)
+        sd[f"{key}.lora_up.weight"] = up.contiguous()
+        sd[f"{key}.lora_down.weight"] = down.contiguous()
+        sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+    for (component, name), (up, down, alpha) in factors.items():
+        if component == "text_encoder":
+            key = "lora_te1_" + name.replace(".", "_")
+            sd[f"{key}.lora_up.weight"] = up.contiguous()
+            sd[f"{key}.lora_down.weight"] = down.contiguous()
+            sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+    save_file(sd, str(path))
+
+
+def write_diffusers(path, factors: dict) -> None:
+    """diffusers/PEFT keys, with alphas in ``lora_adapter_metadata`` as diffusers writes them."""
+    sd, meta = {}, {}
+    by_component: dict[str, list] = {}
+    for (component, name), (up, down, alpha) in factors.items():
+        sd[f"{component}.{name}.lora_A.weight"] = down.contiguous()
+        sd[f"{component}.{name}.lora_B.weight"] = up.contiguous()
+        by_component.setdefault(component, []).append((name, down.shape[0], alpha or down.shape[0]))
+    for component, rows in by_component.items():
+        r = rows[0][1]
+        meta.update({
+            f"{component}.r": r,
+            f"{component}.lora_alpha": rows[0][2],
+            f"{component}.rank_pattern": {n: rk for n, rk, _ in rows if rk != r},
+            f"{component}.alpha_pattern": {n: a for n, _, a in rows if a != rows[0][2]},
+            f"{component}.target_modules": sorted(n for n, _, _ in rows),
+        })
+    save_file(sd, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+
+
+@contextlib.contextmanager
+def capture_load_warnings():
+    """Collect warnings diffusers/PEFT/transformers emit (their loggers do not propagate)."""
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Collect(level=logging.WARNING)
+    loggers = [logging.getLogger(n) for n in ("diffusers", "peft", "transformers")]
+    for lg in loggers:
+        lg.addHandler(handler)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield records
+        finally:
+            for lg in loggers:
+                lg.removeHandler(handler)
+    records.extend(str(w.message) for w in caught)
+
+
+def lora_layers(model, adapter: str) -> list[str]:
+    """Names of the modules PEFT injected ``adapter`` into."""
+    return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and adapter in getattr(m, "lora_A", {})]
