@@ -153,6 +153,7 @@ def detect(
     path=None,
     hints: frozenset[str] = frozenset(),
     metadata: dict[str, str] | None = None,
+    labels: dict[tuple[str, str], str] | None = None,
 ) -> str:
     """The architecture whose module grammar places every module.
 
@@ -177,10 +178,11 @@ def detect(
                 )
             return min(placed, key=rank).arch
     best = min(fits, key=lambda f: len(f.misfits))
-    shown = ", ".join(f"{c}:{n}" for c, n in best.misfits[:8])
+    labels = labels or {}
+    shown = ", ".join(labels.get(m, f"{m[0]}.{m[1]}") for m in best.misfits[:8])
     more = f" and {len(best.misfits) - 8} more" if len(best.misfits) > 8 else ""
     raise NotALoraError(
         f"cannot place {len(best.misfits)} of {len(modules)} modules on any known architecture "
-        f"(closest: {best.arch}): {shown}{more}",
+        f"(closest: {best.arch}); unmapped: {shown}{more}",
         path,
     )

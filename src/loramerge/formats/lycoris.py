@@ -136,7 +136,8 @@ def lokr_factors(get: Getter, has: Callable[[str], bool]):
     # belong to W2's columns, so the 2-D identity kron(AB, CD) = kron(A, C)·kron(B, D) applies.
     u1, v1 = _lokr_operand(get, has, 1)
     u2, v2 = _lokr_operand(get, has, 2)
-    return torch.kron(u1, u2), torch.kron(v1, v2)
+    c = torch.Tensor.contiguous  # torch.kron needs contiguous operands
+    return torch.kron(c(u1), c(u2)), torch.kron(c(v1), c(v2))
 
 
 def build_factors(kind: str, get: Getter, has: Callable[[str], bool], the_plan: Plan, shape):

@@ -158,14 +158,16 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
     configs = _peft_configs(source)
     hints: set[str] = set()
     shapes_for_detection: dict[tuple[str, str], tuple[int, ...]] = {}
+    labels: dict[tuple[str, str], str] = {}
     for raw in raw_modules:
         _check_supported(raw, source)
         naming = _name_module(raw, source)
         hints.add(naming)
         for member, shape in _member_shapes(raw, source):
             shapes_for_detection[(raw.component, member)] = shape
+            labels[(raw.component, member)] = raw.prefix
     if arch is None:
-        arch = archs.detect(shapes_for_detection, source.path, frozenset(hints), source.metadata)
+        arch = archs.detect(shapes_for_detection, source.path, frozenset(hints), source.metadata, labels)
     spec = archs.spec(arch)
     modules: list[LoraModule] = []
     for raw in raw_modules:

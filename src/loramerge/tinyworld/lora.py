@@ -1,0 +1,132 @@
+"""Style LoRAs: trained with PEFT on styled digits, saved in kohya's format like real downloads.
+
+kohya (sd-scripts) names an SD-1 LoRA module ``lora_unet_<diffusers module path, "." -> "_">``
+or ``lora_te_<text encoder module path>``; each has ``lora_down.weight`` (PEFT's lora_A),
+``lora_up.weight`` (lora_B) and a 0-dim ``alpha``, so that dW = alpha / rank * up @ down.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import data as D
+from .training import EMA, cosine_lr, diffusion_loss, encode, seed_everything, token_ids
+
+UNET_ATTN = ["to_q", "to_k", "to_v", "to_out.0"]  # attn1 (self) and attn2 (cross) alike
+UNET_PROJ = ["proj_in", "proj_out"]  # 1x1 convolutions in SD-1's transformer blocks
+UNET_FF = ["ff.net.0.proj", "ff.net.2"]
+TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+# ranks and alphas differ on purpose (alpha != rank for slanted, outlined and shifted), and so do
+# the targeted module sets, as they do among LoRAs found in the wild
+SPECS = {
+    "bold": dict(rank=4, alpha=4.0, unet=UNET_ATTN),
+    "slanted": dict(rank=8, alpha=16.0, unet=UNET_ATTN + UNET_PROJ),
+    "outlined": dict(rank=16, alpha=8.0, unet=UNET_ATTN + UNET_PROJ + UNET_FF),
+    "shifted": dict(rank=8, alpha=4.0, unet=UNET_ATTN + UNET_FF),
+}
+
+
+def add_adapters(pipe, style: str) -> list[torch.nn.Parameter]:
+    """Attach fresh PEFT LoRA adapters to the UNet and the text encoder; return their parameters."""
+    from peft import LoraConfig
+
+    spec = SPECS[style]
+    pipe.unet.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=spec["unet"]))
+    pipe.text_encoder.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=TEXT_ATTN))
+    for module in (pipe.unet, pipe.text_encoder, pipe.vae):
+        for name, p in module.named_parameters():
+            p.requires_grad_("lora_" in name)
+    return [p for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad]
+
+
+def train_lora(pipe, style: str, steps: int, seed: int = 0, batch: int = 64, lr: float = 2e-3,
+               drop_prompt: float = 0.1, log=print):
+    """Fit one style: the styled training digits, prompted "a handwritten <digit>, <trigger>"."""
+    from .build import make_train_scheduler
+
+    seed_everything(seed)
+    images, labels = D.load_split("train")
+    latents = encode(pipe.vae, D.TRANSFORMS[style](images)) * pipe.vae.config.scaling_factor
+    ids_per_digit = token_ids(pipe.tokenizer, [D.prompt(d, [style]) for d in range(10)])
+    empty_ids = token_ids(pipe.tokenizer, [""])[0]
+    params = add_adapters(pipe, style)
+    scheduler = make_train_scheduler()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema = EMA([], 0.99)
+    ema.params = params
+    ema.shadow = [p.detach().clone() for p in params]
+    gen = torch.Generator().manual_seed(seed)
+    pipe.unet.train()
+    pipe.text_encoder.train()
+    for step in range(steps):
+        cosine_lr(opt, step, steps, lr, warmup=20)
+        idx = torch.randint(0, len(latents), (batch,), generator=gen)
+        ids = ids_per_digit[labels[idx]].clone()
+        ids[torch.rand(batch, generator=gen) < drop_prompt] = empty_ids
+        loss = diffusion_loss(pipe.unet, pipe.text_encoder, scheduler, latents[idx], ids, gen)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.update(step)
+        if step % 50 == 0 or step == steps - 1:
+            log(f"lora {style} step {step}/{steps} loss {loss.item():.4f}")
+    ema.copy_to_model()
+    pipe.unet.eval()
+    pipe.text_encoder.eval()
+    return pipe
+
+
+def kohya_state_dict(pipe, style: str, dtype=torch.float16) -> dict[str, torch.Tensor]:
+    """PEFT adapter weights of ``pipe`` renamed to kohya keys."""
+    from peft.utils import get_peft_model_state_dict
+
+    alpha = float(SPECS[style]["alpha"])
+    out = {}
+    for prefix, model in (("lora_unet_", pipe.unet), ("lora_te_", pipe.text_encoder)):
+        for key, value in get_peft_model_state_dict(model).items():
+            module, kind = key.rsplit(".lora_", 1)  # "down_blocks.0...attn1.to_q", "A.weight"
+            name = prefix + module.replace(".", "_")
+            part = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[kind]
+            out[f"{name}.{part}"] = value.detach().to(dtype).contiguous()
+            out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
+    return out
+
+
+def kohya_metadata(style: str, steps: int) -> dict[str, str]:
+    spec = SPECS[style]
+    return {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(spec["rank"]),
+        "ss_network_alpha": str(spec["alpha"]).rstrip("0").rstrip("."),
+        "ss_base_model_version": "sd_v1",
+        "ss_resolution": f"({D.CANVAS}, {D.CANVAS})",
+        "ss_max_train_steps": str(steps),
+        "ss_output_name": f"tinyworld_{style}",
+        "modelspec.sai_model_spec": "1.0.1",
+        "modelspec.architecture": "stable-diffusion-v1/lora",
+        "modelspec.implementation": "diffusers",
+        "modelspec.title": f"tinyworld {style}",
+        "modelspec.trigger_phrase": D.TRIGGERS[style],
+        "modelspec.resolution": f"{D.CANVAS}x{D.CANVAS}",
+        "modelspec.description": f"Style LoRA for the loramerge tiny digit world: {D.TRANSFORMS[style].__doc__}",
+    }
+
+
+def save_kohya(pipe, style: str, path: str | Path, steps: int) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(kohya_state_dict(pipe, style), str(path), metadata=kohya_metadata(style, steps))
+    return path
+
+
+def remove_adapters(pipe) -> None:
+    """Back to the bare base weights (used between LoRAs in one training run)."""
+    for model in (pipe.unet, pipe.text_encoder):
+        model.delete_adapters(model.active_adapters() if callable(getattr(model, "active_adapters", None))
+                              else ["default"])
