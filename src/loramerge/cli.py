@@ -189,6 +189,31 @@ def convert(
 
 
 @app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("loramerge-demo"), "--out", help="Folder to write into."),
+):
+    """Merge the two bundled example LoRAs and print the merged file's summary."""
+
+    def body():
+        from importlib import resources
+
+        from . import report
+        from .merge import load, merge as merge_loras
+
+        examples = resources.files("loramerge") / "examples"
+        style, subject = load(examples / "style.safetensors"), load(examples / "subject.safetensors")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        target = out_dir / "merged.safetensors"
+        result = merge_loras([style, subject], [0.7, 0.8], method="svd", rank=8)
+        result.save(target, format="kohya")
+        err.print(f"merged {style.format} 'style' × 0.7 + {subject.format} 'subject' × 0.8 → {target} (svd, rank 8)",
+                  highlight=False, soft_wrap=True)
+        out.print(report.format_summary(report.summarize(load(target))), highlight=False, soft_wrap=True)
+
+    run_guarded(body)
+
+
+@app.command()
 def methods():
     """List the merge methods and their parameters."""
     from .methods import METHODS

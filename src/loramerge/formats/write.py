@@ -15,7 +15,7 @@ import torch
 
 from .. import __version__
 from ..errors import LoraMergeError, UsageError
-from ..lora import LoRA, LoraModule
+from ..lora import LoRA, LoraModule, all_finite
 from . import archs, flux
 from .names import diffusers_to_sgm, flatten
 from .safetensors_io import save_file
@@ -62,7 +62,7 @@ def _storage_factors(module: LoraModule, dtype: torch.dtype) -> tuple[torch.Tens
     if module.is_conv:
         up = up.reshape(*up.shape, 1, 1)
         down = down.reshape(module.rank, *module.shape[1:])
-    if not (torch.isfinite(up).all() and torch.isfinite(down).all()):
+    if not (all_finite(up) and all_finite(down)):
         from ..errors import NonFiniteError
 
         raise NonFiniteError(f"module {module.key} holds NaN or Inf values", module.source)
