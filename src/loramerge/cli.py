@@ -99,48 +99,65 @@ def inspect(
 
 @app.command()
 def merge(
-    sources: List[str] = typer.Argument(..., help="LoRA files, each optionally with a weight: A.safetensors:0.7"),
-    output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
-    method: str = typer.Option("linear", "--method", "-m", help="linear, cat, svd (see `loramerge methods`)."),
-    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Target rank (svd-type methods)."),
+    sources: Optional[List[str]] = typer.Argument(None, help="LoRA files, each optionally with a weight: A.safetensors:0.7"),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .safetensors file."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="A YAML recipe (sources, method, params, output)."),
+    method: str = typer.Option("linear", "--method", "-m", help="Merge method (see `loramerge methods`)."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Target rank (methods that re-factorise)."),
     energy: Optional[float] = typer.Option(None, "--energy", help="Keep this fraction of Σσ² per module instead of a fixed rank."),
+    space: Optional[str] = typer.Option(None, "--space", help="core or full: where sparsifying methods work."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Method parameter NAME=VALUE (repeatable)."),
+    block_weights: Optional[str] = typer.Option(None, "--block-weights", help="Per-block weights for every source: preset, comma list or JSON."),
     format: str = typer.Option("kohya", "--format", "-f", help="Output format: kohya or diffusers."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype fp16|bf16|fp32 (default: the inputs')."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     seed: int = typer.Option(0, "--seed", help="Seed for methods that draw random numbers."),
-    param: List[str] = typer.Option([], "--param", "-p", help="Method parameter NAME=VALUE (repeatable)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection of the inputs."),
     title: Optional[str] = typer.Option(None, "--title", help="modelspec.title of the output."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
 ):
-    """Merge LoRAs on ΔW and write one LoRA file."""
+    """Merge LoRAs on ΔW and write one LoRA file (from arguments, or from --recipe)."""
 
     def body():
         from .formats.write import FORMATS, resolve_dtype
         from .merge import load, merge as merge_loras
+        from .recipe import Recipe, Source, load_recipe
 
         _set_threads(threads)
-        if format not in FORMATS:
-            raise UsageError(f"unknown format {format!r}; use kohya or diffusers")
-        resolve_dtype(dtype)
-        parsed = [parse_source(s) for s in sources]
-        check_output(output, [p for p, _ in parsed])
-        params = _parse_params(param)
+        if recipe is not None:
+            if sources:
+                raise UsageError("give the sources in the recipe or on the command line, not both")
+            plan = load_recipe(recipe)
+        else:
+            if not sources:
+                raise UsageError("nothing to merge: give LoRA files or --recipe")
+            params = _parse_params(param)
+            if space is not None:
+                params["space"] = space
+            plan = Recipe(
+                sources=[Source(Path(p), w) for p, w in map(parse_source, sources)],
+                method=method, params=params, rank=rank, energy=energy, seed=seed,
+                block_weights=block_weights, format=format, dtype=dtype, title=title, device=device,
+            )
+        target = output or plan.output
+        if target is None:
+            raise UsageError("no output: give -o or output.path in the recipe")
+        if plan.format not in FORMATS:
+            raise UsageError(f"unknown format {plan.format!r}; use kohya or diffusers")
+        resolve_dtype(plan.dtype)
+        check_output(target, [str(s.path) for s in plan.sources])
         start = time.perf_counter()
-        loras = [load(p, arch=arch) for p, _ in parsed]
+        loras = [load(s.path, arch=arch) for s in plan.sources]
         with make_progress() as progress:
-            task = progress.add_task(f"merging ({method})", total=None)
+            task = progress.add_task(f"merging ({plan.method})", total=None)
 
             def tick(done, total, key):
                 progress.update(task, completed=done, total=total)
 
-            result = merge_loras(
-                loras, [w for _, w in parsed], method=method, rank=rank, energy=energy,
-                seed=seed, device=device, progress=tick, **params,
-            )
-        extra = {"modelspec.title": title} if title else None
-        result.save(output, format=format, dtype=dtype, metadata=extra)
-        _print_merge_summary(result, output, time.perf_counter() - start)
+            result = merge_loras(loras, progress=tick, **plan.merge_kwargs())
+        extra = {"modelspec.title": plan.title} if plan.title else None
+        result.save(target, format=plan.format, dtype=plan.dtype, metadata=extra)
+        _print_merge_summary(result, target, time.perf_counter() - start)
 
     run_guarded(body)
 
@@ -160,6 +177,9 @@ def _print_merge_summary(result, output: Path, seconds: float) -> None:
     rank_text = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}–{ranks[-1]}"
     kept = [s["energy_kept"] for s in result.stats.values() if "energy_kept" in s]
     extra = f", min energy kept {min(kept):.4f}" if kept else ""
+    errors = [s["refactor_error"] for s in result.stats.values() if "refactor_error" in s]
+    if errors:
+        extra += f", re-factorisation error max {max(errors):.3g} mean {sum(errors) / len(errors):.3g}"
     err.print(
         f"wrote {output}: {len(result)} modules ({result.arch}), rank {rank_text}{extra}, {seconds:.1f} s",
         highlight=False,

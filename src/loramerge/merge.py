@@ -39,13 +39,16 @@ def merge(
     seed: int = 0,
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
+    block_weights=None,
     **params,
 ) -> LoRA:
     """Merge LoRAs on ΔW: result ΔW = method({wᵢ·ΔWᵢ}) per module.
 
     ``weights`` default to 1. Modules present in only some inputs are merged from those
     inputs alone (so they keep their own weight). ``rank``/``energy`` apply to methods that
-    re-factorise (``svd``…). The result's header records the recipe and each source's SHA-256.
+    re-factorise (``svd``…). ``block_weights`` is one spec for every input or a list with one
+    per input (see :mod:`loramerge.blocks`); it multiplies each module's weight. The result's
+    header records the resolved recipe and each source's SHA-256.
     """
     inputs = [x if isinstance(x, LoRA) else load(x) for x in loras]
     if not inputs:
@@ -58,14 +61,25 @@ def merge(
     _check_rank_options(the_method, rank, energy)
     _check_same_arch(inputs)
     device = torch.device(device) if device is not None else default_device()
+    per_input_blocks = _resolve_block_weights(block_weights, len(inputs), inputs[0].arch)
 
     keys = sorted(set().union(*(lora.modules for lora in inputs)))
     out_dtype = _common_dtype(inputs)
+
+    def module_terms(key: str):
+        terms = [
+            Term(lora[key], w * (bw.weight_for(lora[key]) if bw else 1.0), idx)
+            for idx, (lora, w, bw) in enumerate(zip(inputs, weights, per_input_blocks))
+            if key in lora
+        ]
+        shape = _check_shapes(terms, inputs)
+        return terms, ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key))
+
+    shared = the_method.prepare((module_terms(k) for k in keys), resolved) if the_method.prepare else None
     modules, stats = [], {}
     for i, key in enumerate(keys):
-        terms = [Term(lora[key], w, idx) for idx, (lora, w) in enumerate(zip(inputs, weights)) if key in lora]
-        shape = _check_shapes(terms, inputs)
-        ctx = ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key))
+        terms, ctx = module_terms(key)
+        shape, ctx.shared = ctx.shape, shared
         up, down = the_method.fn(terms, ctx, **resolved)
         first = terms[0].module
         modules.append(LoraModule.from_factors(
@@ -83,7 +97,7 @@ def merge(
         "rank": rank,
         "energy": energy,
         "seed": seed,
-        "sources": [_source_entry(lora, w) for lora, w in zip(inputs, weights)],
+        "sources": [_source_entry(lora, w, bw) for lora, w, bw in zip(inputs, weights, per_input_blocks)],
     }
     result = LoRA(modules, inputs[0].arch, "merged", provenance(inputs, recipe))
     result.stats = stats
@@ -169,8 +183,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _source_entry(lora: LoRA, weight: float) -> dict:
+def _resolve_block_weights(spec, n: int, arch: str) -> list:
+    from .blocks import parse_block_weights
+
+    if spec is None:
+        return [None] * n
+    specs = spec if isinstance(spec, (list, tuple)) and len(spec) == n and not all(
+        isinstance(x, (int, float)) for x in spec) else [spec] * n
+    return [None if s is None else parse_block_weights(s, arch) for s in specs]
+
+
+def _source_entry(lora: LoRA, weight: float, block_weights=None) -> dict:
     entry: dict = {"weight": weight, "arch": lora.arch, "format": lora.format}
+    if block_weights is not None:
+        entry["block_weights"] = block_weights.describe()
     if lora.path is not None:
         entry["file"] = lora.path.name
         if lora.path.is_file():

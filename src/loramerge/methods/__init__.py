@@ -60,6 +60,7 @@ class ModuleContext:
     device: torch.device
     seed: int  # derived from the run's seed and the module key: same inputs → same result
     stats: dict[str, float] = field(default_factory=dict)  # what the method measured
+    shared: Any = None  # what the method's prepare pass computed over all modules
 
 
 MethodFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
@@ -72,6 +73,10 @@ class Method:
     summary: str
     params: tuple[Param, ...] = ()
     uses_rank: bool = False  # --rank / --energy apply
+    # Optional pass over every module before merging (e.g. a top-k threshold over all layers):
+    # prepare(iterable of (terms, ctx), params) → the value each ctx.shared receives.
+    prepare: Callable | None = None
+    check: Callable[[dict], None] | None = None  # validates the resolved parameters once
 
     def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
         known = {p.name: p for p in self.params}
@@ -79,15 +84,19 @@ class Method:
         if unknown:
             allowed = ", ".join(known) or "none"
             raise UsageError(f"method {self.name!r} has no parameter {unknown[0]!r} (parameters: {allowed})")
-        return {name: p.coerce(given.get(name, p.default)) for name, p in known.items()}
+        resolved = {name: p.coerce(given.get(name, p.default)) for name, p in known.items()}
+        if self.check:
+            self.check(resolved)
+        return resolved
 
 
 METHODS: dict[str, Method] = {}
 
 
-def register(name: str, summary: str, params: tuple[Param, ...] = (), uses_rank: bool = False):
+def register(name: str, summary: str, params: tuple[Param, ...] = (), uses_rank: bool = False,
+             prepare: Callable | None = None, check: Callable | None = None):
     def decorate(fn: MethodFn) -> MethodFn:
-        METHODS[name] = Method(name, fn, summary, params, uses_rank)
+        METHODS[name] = Method(name, fn, summary, params, uses_rank, prepare, check)
         return fn
 
     return decorate
@@ -100,4 +109,4 @@ def get_method(name: str) -> Method:
         raise UsageError(f"unknown merge method {name!r}; available: {', '.join(sorted(METHODS))}") from None
 
 
-from . import linear  # noqa: E402,F401  (registers linear, cat, svd)
+from . import linear, sparsify, spectral  # noqa: E402,F401  (each module registers its methods)

@@ -1,0 +1,243 @@
+"""Per-block and per-module weights.
+
+Four ways to say how strongly each part of a LoRA counts, all resolved to one multiplier per
+module:
+
+- A1111 "LoRA Block Weight" vectors: 17 or 26 values for SD1/SD2, 12 or 20 for SDXL, as a list,
+  a comma string, or a preset name (``OUTALL``…). BASE is the text encoders; INxx, M00, OUTxx
+  are the sgm blocks ``input_blocks.xx``, ``middle_block``, ``output_blocks.xx``.
+- diffusers-style dicts, as in ``set_adapters(..., adapter_weights=)``:
+  ``{"unet": {"down": 0.5, "mid": 1, "up": {"block_0": [1, 0.5, 0]}}, "text_encoder": 0.3}``.
+  A list entry is per layer of the block (layer j = resnets.j and attentions.j; diffusers
+  itself applies these to attention layers only — the same for attention-only LoRAs).
+- Flux / SD3 block ranges: ``{"transformer": {"double": {"0-9": 0.5}, "single": 0.8}}``
+  (Flux double blocks are ``transformer_blocks``, single blocks ``single_transformer_blocks``).
+- Glob patterns on canonical module keys, applied last: ``{"unet.up_blocks.1.*": 0}``.
+Anything a spec does not mention keeps weight 1.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+
+from .errors import UsageError
+from .formats import archs
+from .formats.names import diffusers_to_sgm
+from .lora import LoraModule
+
+# Block ids in the order of each vector length (sd-webui-lora-block-weight's BLOCKIDs).
+_IN = [f"IN{i:02d}" for i in range(12)]
+_OUT = [f"OUT{i:02d}" for i in range(12)]
+VECTOR_BLOCKS = {
+    17: ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[3:],
+    26: ["BASE"] + _IN + ["M00"] + _OUT,
+    12: ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[:6],
+    20: ["BASE"] + _IN[:9] + ["M00"] + _OUT[:9],
+}
+VECTOR_ARCHS = {17: ("sd1", "sd2"), 26: ("sd1", "sd2"), 12: ("sdxl",), 20: ("sdxl",)}
+# The extension's default presets (17 values, SD1); applied to SDXL they are refused.
+PRESETS = {
+    "NONE": [0] * 17,
+    "ALL": [1] * 17,
+    "INS": [1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "IND": [1, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "INALL": [1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+    "MIDD": [1, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+    "OUTD": [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0, 0],
+    "OUTS": [1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1],
+    "OUTALL": [1, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1],
+    "ALL0.5": [0.5] * 17,
+}
+
+
+@dataclass
+class BlockWeights:
+    """Resolved weights: by block id, by component, then glob patterns (last one wins)."""
+
+    arch: str
+    blocks: dict[str, float] = field(default_factory=dict)
+    components: dict[str, float] = field(default_factory=dict)
+    patterns: list[tuple[str, float]] = field(default_factory=list)
+
+    def weight_for(self, module: LoraModule) -> float:
+        w = 1.0
+        if module.component in self.components:
+            w = self.components[module.component]
+        block = block_id(self.arch, module)
+        if block is not None and block in self.blocks:
+            w = self.blocks[block]
+        for pattern, value in self.patterns:
+            if fnmatch.fnmatchcase(module.key, pattern):
+                w = value
+        return w
+
+    def describe(self) -> dict:
+        return {"blocks": dict(self.blocks), "components": dict(self.components), "patterns": list(map(list, self.patterns))}
+
+
+def block_id(arch: str, module: LoraModule) -> str | None:
+    """The block a module belongs to: BASE for text encoders, INxx/M00/OUTxx for UNets,
+    double.i / single.i / joint.i for DiT blocks, None for modules outside any block."""
+    spec = archs.spec(arch)
+    if module.component in spec.text_encoders:
+        return "BASE"
+    if module.component == "unet":
+        sgm = diffusers_to_sgm(module.name, spec.unet_layout)
+        parts = sgm.split(".")
+        if parts[0] == "input_blocks":
+            return f"IN{int(parts[1]):02d}"
+        if parts[0] == "middle_block":
+            return "M00"
+        if parts[0] == "output_blocks":
+            return f"OUT{int(parts[1]):02d}"
+        return None
+    parts = module.name.split(".")
+    if parts[0] == "transformer_blocks":
+        return f"{'double' if arch == 'flux' else 'joint'}.{parts[1]}"
+    if parts[0] == "single_transformer_blocks":
+        return f"single.{parts[1]}"
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def parse_block_weights(spec, arch: str) -> BlockWeights:
+    """Any supported spec (vector, comma string, preset, dict, JSON string) → BlockWeights."""
+    if isinstance(spec, BlockWeights):
+        return spec
+    if isinstance(spec, str):
+        text = spec.strip()
+        if text.startswith("{"):
+            try:
+                spec = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise UsageError(f"block weights: not valid JSON ({exc.msg})") from None
+        elif text.upper() in PRESETS:
+            spec = PRESETS[text.upper()]
+        else:
+            try:
+                spec = [float(x) for x in text.split(",")]
+            except ValueError:
+                raise UsageError(
+                    f"block weights {spec!r}: expected a preset ({', '.join(PRESETS)}), "
+                    "comma-separated numbers, or a JSON object"
+                ) from None
+    if isinstance(spec, (list, tuple)):
+        return from_vector([float(x) for x in spec], arch)
+    if isinstance(spec, dict):
+        return from_dict(spec, arch)
+    raise UsageError(f"block weights: unsupported value {spec!r}")
+
+
+def from_vector(values: list[float], arch: str) -> BlockWeights:
+    n = len(values)
+    if n not in VECTOR_BLOCKS:
+        raise UsageError(f"a LoRA Block Weight vector has 12, 17, 20 or 26 values, got {n}")
+    if arch not in VECTOR_ARCHS[n]:
+        raise UsageError(f"a {n}-value block weight vector is for {'/'.join(VECTOR_ARCHS[n])}, not {arch}")
+    weights = BlockWeights(arch)
+    for block, value in zip(VECTOR_BLOCKS[n], values):
+        if block == "BASE":
+            weights.components.update({c: value for c in archs.spec(arch).text_encoders})
+        else:
+            weights.blocks[block] = value
+    return weights
+
+
+def from_dict(spec: dict, arch: str) -> BlockWeights:
+    weights = BlockWeights(arch)
+    arch_spec = archs.spec(arch)
+    if any(k in spec for k in ("down", "mid", "up")):  # a bare UNet dict
+        spec = {"unet": spec}
+    for key, value in spec.items():
+        if any(ch in key for ch in "*?[") or "." in key:
+            weights.patterns.append((key, _number(value, key)))
+        elif key in arch_spec.text_encoders:
+            weights.components[key] = _number(value, key)
+        elif key == "unet" and arch_spec.denoiser == "unet":
+            _unet_dict(weights, value, arch_spec)
+        elif key == "transformer" and arch_spec.denoiser == "transformer":
+            _transformer_dict(weights, value, arch)
+        else:
+            raise UsageError(f"block weights: {key!r} is not a component of {arch_spec.label} "
+                             f"({', '.join(arch_spec.components)}) nor a module pattern")
+    return weights
+
+
+def _number(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UsageError(f"block weights: {where} must be a number, got {value!r}")
+    return float(value)
+
+
+def _unet_dict(weights: BlockWeights, spec, arch_spec) -> None:
+    if not isinstance(spec, dict):
+        weights.components["unet"] = _number(spec, "unet")
+        return
+    n_down = 3 if arch_spec.name == "sdxl" else 4
+    for key, value in spec.items():
+        if key == "mid":
+            weights.blocks["M00"] = _number(value[0] if isinstance(value, list) and len(value) == 1 else value, "mid")
+        elif key in ("down", "up"):
+            per_block = value if isinstance(value, dict) else {f"block_{i}": value for i in range(n_down)}
+            for block, layers in per_block.items():
+                if not block.startswith("block_") or not block[6:].isdigit():
+                    raise UsageError(f"block weights: unet.{key} keys are block_0, block_1, …; got {block!r}")
+                _set_layers(weights, key, int(block[6:]), layers, n_down)
+        else:
+            raise UsageError(f"block weights: unet keys are down, mid and up; got {key!r}")
+
+
+def _set_layers(weights: BlockWeights, updown: str, block: int, layers, n_blocks: int) -> None:
+    """down.block_i layer j is input_blocks.{3i+j+1}; up.block_i layer j is output_blocks.{3i+j}."""
+    n_layers = 2 if updown == "down" else 3
+    if isinstance(layers, list):
+        if len(layers) == 1:
+            layers = layers * n_layers
+        if len(layers) != n_layers:
+            raise UsageError(f"block weights: {updown}.block_{block} takes {n_layers} values, got {len(layers)}")
+    else:
+        value = _number(layers, f"{updown}.block_{block}")
+        layers = [value] * n_layers
+        if updown == "down" and block < n_blocks - 1:  # the block's downsampler
+            weights.blocks[f"IN{3 * block + 3:02d}"] = value
+    for j, value in enumerate(layers):
+        value = _number(value, f"{updown}.block_{block}[{j}]")
+        if updown == "down":
+            weights.blocks[f"IN{3 * block + j + 1:02d}"] = value
+        else:
+            weights.blocks[f"OUT{3 * block + j:02d}"] = value
+
+
+def _transformer_dict(weights: BlockWeights, spec, arch: str) -> None:
+    if not isinstance(spec, dict):
+        weights.components["transformer"] = _number(spec, "transformer")
+        return
+    kinds = {"double": "double", "single": "single"} if arch == "flux" else {"joint": "joint", "double": "joint"}
+    for key, value in spec.items():
+        if key not in kinds:
+            raise UsageError(f"block weights: transformer keys for {arch} are {', '.join(kinds)}; got {key!r}")
+        if isinstance(value, dict):
+            for span, v in value.items():
+                for i in _span(span):
+                    weights.blocks[f"{kinds[key]}.{i}"] = _number(v, f"{key}.{span}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                weights.blocks[f"{kinds[key]}.{i}"] = _number(v, f"{key}[{i}]")
+        else:
+            for i in range(64):  # more blocks than any DiT has
+                weights.blocks[f"{kinds[key]}.{i}"] = _number(value, key)
+
+
+def _span(text) -> range:
+    text = str(text)
+    try:
+        if "-" in text:
+            lo, hi = (int(x) for x in text.split("-", 1))
+            return range(lo, hi + 1)
+        return range(int(text), int(text) + 1)
+    except ValueError:
+        raise UsageError(f"block weights: block range {text!r} is not N or N-M") from None

@@ -1,0 +1,161 @@
+"""Sparsifying merges on task deltas τᵢ = wᵢ·ΔWᵢ (weights folded in first), in Core Space or
+on the dense delta (see :mod:`.spaces`).
+
+Conventions (the papers' formulas; where implementations differ, which one we follow):
+- trim: keep the top k = int(density·numel) entries of |τᵢ| per module (PEFT, mergekit; the
+  TIES/KnOTS reference code keeps int(d·K)+1 and trims over the whole model at once).
+- sign election: γ = sign(Σᵢ τ̃ᵢ) ("total", the mass of the weighted deltas) or
+  sign(Σᵢ sign τ̃ᵢ) ("frequency"); ties go to +. PEFT elects on the unweighted deltas, which
+  is the same thing when the weights are equal.
+- disjoint mean: Σᵢ τ̃ᵢ·[sign τ̃ᵢ = γ] / #{i: τ̃ᵢ ≠ 0, sign τ̃ᵢ = γ} (PEFT; mergekit divides by
+  the sum of the agreeing weights instead).
+- DARE rescales kept entries by 1/density (the paper and PEFT; mergekit now matches L1 norms).
+- DELLA keeps entry e of a row with p = (d − ε) + 2ε·(rank(|τₑ|) − 1)/(n − 1) (ranks 1…n by
+  magnitude within the row) and rescales it by 1/p, then elects signs and takes the disjoint
+  mean.
+- breadcrumbs drops the largest int(γ·N) entries and the smallest, keeping int(density·N)
+  per module (mergekit's per-tensor form, without its γ·N < 1 bug that zeroes the tensor).
+Every result is multiplied by ``lambda``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import ModuleContext, Param, Term, register
+from .spaces import SPACE_PARAMS, merge_in_space
+
+DENSITY = Param("density", float, 0.5, "fraction of entries each task keeps", low=0.0, high=1.0)
+LAMBDA = Param("lambda", float, 1.0, "scale of the merged delta")
+MAJORITY = Param("majority", str, "total", "sign election: total (mass) or frequency (count)",
+                 choices=("total", "frequency"))
+
+
+# --------------------------------------------------------------------------------------------
+# rules on a stack of task matrices τ (T × p × q)
+
+
+def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep each task's top int(density·numel) entries by magnitude."""
+    flat = tau.reshape(tau.shape[0], -1)
+    k = int(density * flat.shape[1])
+    if k >= flat.shape[1]:
+        return tau.clone()
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    if k > 0:
+        mask.scatter_(1, flat.abs().topk(k, dim=1).indices, True)
+    return (flat * mask).reshape(tau.shape)
+
+
+def elect_sign(tau: torch.Tensor, majority: str = "total") -> torch.Tensor:
+    mass = tau.sum(0) if majority == "total" else tau.sign().sum(0)
+    return torch.where(mass >= 0, 1.0, -1.0).to(tau.dtype)
+
+
+def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
+    agree = tau.sign() == sign  # zeros never agree
+    count = agree.sum(0).clamp_min(1)
+    return (tau * agree).sum(0) / count
+
+
+def dare(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
+    """Bernoulli(density) keep-mask per entry, kept entries rescaled by 1/density."""
+    if density >= 1.0:
+        return tau.clone()
+    if density <= 0.0:
+        return torch.zeros_like(tau)
+    mask = torch.rand(tau.shape, generator=generator) < density
+    return tau * mask.to(tau.dtype) / density
+
+
+def della_keep_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """p = (d − ε) + 2ε·(rank − 1)/(n − 1) per row, rank 1…n by |τ| ascending within the row."""
+    n = tau.shape[-1]
+    ranks = tau.abs().argsort(dim=-1).argsort(dim=-1).to(tau.dtype)  # 0…n−1
+    if n == 1:
+        return torch.full_like(tau, density)
+    return (density - epsilon) + 2 * epsilon * ranks / (n - 1)
+
+
+def della(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+    p = della_keep_probabilities(tau, density, epsilon)
+    keep = torch.rand(tau.shape, generator=generator) < p
+    return torch.where(keep, tau / p, torch.zeros_like(tau))
+
+
+def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Per task: drop the int(γ·N) largest |τ| and the smallest, keeping int(density·N)."""
+    flat = tau.reshape(tau.shape[0], -1)
+    n = flat.shape[1]
+    n_top = int(gamma * n)
+    n_keep = min(int(density * n), n - n_top)
+    order = flat.abs().argsort(dim=1, descending=True)
+    mask = torch.zeros_like(flat, dtype=torch.bool)
+    mask.scatter_(1, order[:, n_top:n_top + n_keep], True)
+    return (flat * mask).reshape(tau.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# registered methods
+
+
+def _spaced(terms: list[Term], ctx: ModuleContext, rule, params: dict):
+    return merge_in_space(terms, ctx, rule, params["space"], params["oversample"], params["power_iters"])
+
+
+@register("ties", "TIES (Yadav et al. 2023): trim, elect sign, disjoint mean, × lambda",
+          params=(DENSITY, MAJORITY, LAMBDA, *SPACE_PARAMS), uses_rank=True)
+def ties(terms, ctx, **p):
+    def rule(tau, gen):
+        trimmed = trim(tau, p["density"])
+        return p["lambda"] * disjoint_mean(trimmed, elect_sign(trimmed, p["majority"]))
+
+    return _spaced(terms, ctx, rule, p)
+
+
+@register("dare_linear", "DARE (Yu et al. 2024): random drop with 1/density rescale, then sum",
+          params=(DENSITY, LAMBDA, *SPACE_PARAMS), uses_rank=True)
+def dare_linear(terms, ctx, **p):
+    return _spaced(terms, ctx, lambda tau, gen: p["lambda"] * dare(tau, p["density"], gen).sum(0), p)
+
+
+@register("dare_ties", "DARE drop and rescale, then TIES sign election and disjoint mean",
+          params=(DENSITY, MAJORITY, LAMBDA, *SPACE_PARAMS), uses_rank=True)
+def dare_ties(terms, ctx, **p):
+    def rule(tau, gen):
+        dropped = dare(tau, p["density"], gen)
+        return p["lambda"] * disjoint_mean(dropped, elect_sign(dropped, p["majority"]))
+
+    return _spaced(terms, ctx, rule, p)
+
+
+@register("magnitude_prune", "keep each task's top-density entries by magnitude, then sum",
+          params=(DENSITY, LAMBDA, *SPACE_PARAMS), uses_rank=True)
+def magnitude_prune(terms, ctx, **p):
+    return _spaced(terms, ctx, lambda tau, gen: p["lambda"] * trim(tau, p["density"]).sum(0), p)
+
+
+@register("breadcrumbs", "Model Breadcrumbs (Davari & Belilovsky 2024): drop the largest gamma and the smallest, sum",
+          params=(Param("density", float, 0.9, "fraction of entries each task keeps", low=0.0, high=1.0),
+                  Param("gamma", float, 0.01, "fraction of largest-magnitude entries dropped", low=0.0, high=1.0),
+                  LAMBDA, *SPACE_PARAMS), uses_rank=True)
+def breadcrumbs(terms, ctx, **p):
+    return _spaced(terms, ctx, lambda tau, gen: p["lambda"] * breadcrumbs_mask(tau, p["density"], p["gamma"]).sum(0), p)
+
+
+def _check_della(p: dict) -> None:
+    if not (0 < p["density"] - p["epsilon"] and p["density"] + p["epsilon"] <= 1):
+        from ..errors import UsageError
+
+        raise UsageError(f"della needs 0 < density ± epsilon ≤ 1, got density {p['density']}, epsilon {p['epsilon']}")
+
+
+@register("della", "DELLA (Deep et al. 2024): magnitude-ranked drop per row, 1/p rescale, sign election, disjoint mean",
+          params=(DENSITY, Param("epsilon", float, 0.15, "half-width of the keep-probability window", low=0.0, high=0.5),
+                  MAJORITY, LAMBDA, *SPACE_PARAMS), uses_rank=True, check=_check_della)
+def della_ties(terms, ctx, **p):
+    def rule(tau, gen):
+        dropped = della(tau, p["density"], p["epsilon"], gen)
+        return p["lambda"] * disjoint_mean(dropped, elect_sign(dropped, p["majority"]))
+
+    return _spaced(terms, ctx, rule, p)

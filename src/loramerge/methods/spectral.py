@@ -1,0 +1,194 @@
+"""Alignment and spectral merges, all computed from the LoRA factors (never an m×n delta).
+
+Task deltas are τᵢ = wᵢ·ΔWᵢ = (wᵢ·sᵢ·Bᵢ)·Aᵢ.
+
+- knots (Stoica et al., ICLR 2025): SVD of the concatenation [τ₁ … τ_T] = U·Σ·[V₁ᵀ … V_Tᵀ];
+  the Σ-scaled right blocks Σ·Vᵢᵀ are merged (TIES by default, top-k mask per layer or global
+  over all layers as in the paper), ΔW = λ·U·merged. Factored: with B = [B₁ … B_T] = Q·R_B,
+  the concatenation is Q·(R_B·blockdiag(A₁ … A_T)), and only the R×(T·n) core is decomposed.
+- tsv (Task Singular Vectors, Gargiulo et al., CVPR 2025): each task's top ⌊k/T⌋ singular
+  triplets (k = --rank, default Σrᵢ; never past a task's numerical rank), stacked; the stacked
+  bases are replaced by their polar factors; ΔW = λ·U⊥·diag(σ)·V⊥.
+- iso_c (Marczak et al., ICML 2025): Σ τᵢ = U·Σ·Vᵀ → λ·σ̄·U·Vᵀ with σ̄ the mean of the nonzero
+  singular values (the zeros of a low-rank sum are not averaged in).
+- iso_cts: a common subspace (the top ⌊f·D⌋ directions of the sum, adjusted so the rest splits
+  evenly) plus each task's top directions of (I − U_cU_cᵀ)·τᵢ, polar-orthogonalised, flattened
+  to the mean nonzero singular value. D = --rank, default Σrᵢ.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import linalg
+from . import ModuleContext, Param, Term, register
+from .sparsify import DENSITY, LAMBDA, MAJORITY, dare, disjoint_mean, elect_sign
+
+
+def _task_factors(terms: list[Term], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(wᵢ·sᵢ·Bᵢ, Aᵢ) per task: the weight and scale folded into the up factor."""
+    out = []
+    for t in terms:
+        up, down = t.module.factors(torch.float32, device)
+        out.append((up * (t.weight * t.module.scale), down))
+    return out
+
+
+def _balanced(U: torch.Tensor, values: torch.Tensor, Vh: torch.Tensor):
+    """(up, down) with up@down = U·diag(values)·Vh, |values| split evenly, signs on up."""
+    root = values.abs().sqrt()
+    return U * (root * values.sign()), root[:, None] * Vh
+
+
+def polar(X: torch.Tensor) -> torch.Tensor:
+    """The orthogonal polar factor of X (p×k): u·vh from X's thin SVD."""
+    u, _, vh = torch.linalg.svd(X.double(), full_matrices=False)
+    return (u @ vh).to(X.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# KnOTS
+
+
+def knots_decomposition(terms: list[Term], device):
+    """(U m×k, [Σ·Vᵢᵀ] each k×n) for the concatenation [τ₁ … τ_T], from the factors."""
+    pairs = _task_factors(terms, device)
+    B = torch.cat([up for up, _ in pairs], dim=1)
+    Q, R_B = torch.linalg.qr(B)
+    blocks, col = [], 0
+    for up, down in pairs:
+        r = up.shape[1]
+        blocks.append(R_B[:, col:col + r].double() @ down.double())
+        col += r
+    core = torch.cat(blocks, dim=1)  # R × (T·n)
+    P, S, Zh = torch.linalg.svd(core, full_matrices=False)
+    k = max(linalg.numerical_rank(S, (B.shape[0], core.shape[1])), 1)
+    U = Q @ P[:, :k].to(B.dtype)
+    n = pairs[0][1].shape[1]
+    scaled = [(S[:k, None] * Zh[:k, i * n:(i + 1) * n]).to(B.dtype) for i in range(len(pairs))]
+    return U, scaled
+
+
+def _knots_global_thresholds(modules, params) -> dict[int, float]:
+    """Per task, the magnitude of its top-density entry over Σ·Vᵢᵀ of all modules."""
+    magnitudes: dict[int, list[torch.Tensor]] = {}
+    for terms, ctx in modules:
+        _, scaled = knots_decomposition(terms, ctx.device)
+        for t, block in zip(terms, scaled):
+            magnitudes.setdefault(t.index, []).append(block.abs().reshape(-1).cpu())
+    thresholds = {}
+    for index, parts in magnitudes.items():
+        values = torch.cat(parts)
+        k = int(params["density"] * values.numel())
+        thresholds[index] = float("inf") if k == 0 else float(values.topk(k).values[-1])
+    return thresholds
+
+
+def _knots_prepare(modules, params):
+    if params["merge"] == "linear" or params["topk_scope"] != "global" or params["density"] >= 1:
+        return None
+    return _knots_global_thresholds(modules, params)
+
+
+@register(
+    "knots",
+    "KnOTS (Stoica et al. 2025): align tasks by the SVD of their concatenation, merge the right factors",
+    params=(
+        Param("merge", str, "ties", "rule for the Σ·Vᵢᵀ blocks", choices=("ties", "dare_ties", "linear")),
+        DENSITY, MAJORITY, LAMBDA,
+        Param("topk_scope", str, "global", "top-k mask over all layers (the paper) or per layer",
+              choices=("global", "layer")),
+    ),
+    prepare=_knots_prepare,
+)
+def knots(terms: list[Term], ctx: ModuleContext, **p):
+    U, scaled = knots_decomposition(terms, ctx.device)
+    tau = torch.stack(scaled)
+    if p["merge"] == "linear":
+        merged = tau.sum(0)
+    else:
+        if p["merge"] == "dare_ties":
+            tau = dare(tau, p["density"], torch.Generator().manual_seed(ctx.seed))
+        else:
+            tau = _knots_trim(tau, terms, ctx, p)
+        merged = disjoint_mean(tau, elect_sign(tau, p["majority"]))
+    return U * p["lambda"], merged
+
+
+def _knots_trim(tau: torch.Tensor, terms: list[Term], ctx: ModuleContext, p) -> torch.Tensor:
+    if p["density"] >= 1:
+        return tau
+    if ctx.shared is None:  # per-layer top-k
+        from .sparsify import trim
+
+        return trim(tau, p["density"])
+    thresholds = torch.tensor([ctx.shared[t.index] for t in terms], dtype=tau.dtype)
+    return tau * (tau.abs() >= thresholds[:, None, None])
+
+
+# --------------------------------------------------------------------------------------------
+# TSV and Iso
+
+
+def _task_svds(pairs, device) -> list[linalg.LowRankSVD]:
+    out = []
+    for up, down in pairs:
+        svd = linalg.svd_of_product(up, down)
+        out.append(svd.truncate(max(linalg.numerical_rank(svd.S, (up.shape[0], down.shape[1])), 1)))
+    return out
+
+
+@register("tsv", "Task Singular Vectors merge (Gargiulo et al. 2025): top rank/T triplets per task, orthogonalised",
+          params=(LAMBDA,), uses_rank=True)
+def tsv(terms: list[Term], ctx: ModuleContext, **p):
+    pairs = _task_factors(terms, ctx.device)
+    m, n = pairs[0][0].shape[0], pairs[0][1].shape[1]
+    budget = min(ctx.rank if ctx.rank is not None else sum(t.module.rank for t in terms), m, n)
+    per_task = max(budget // len(terms), 1)
+    svds = [s.truncate(min(per_task, s.S.numel())) for s in _task_svds(pairs, ctx.device)]
+    U = torch.cat([s.U for s in svds], dim=1)
+    S = torch.cat([s.S for s in svds])
+    Vh = torch.cat([s.Vh for s in svds], dim=0)
+    return _balanced(polar(U), p["lambda"] * S, polar(Vh.T).T)
+
+
+@register("iso_c", "Iso-C (Marczak et al. 2025): flatten the summed update's spectrum to its mean nonzero value",
+          params=(LAMBDA,), uses_rank=True)
+def iso_c(terms: list[Term], ctx: ModuleContext, **p):
+    B, A = linalg.stack(_task_factors(terms, ctx.device))
+    svd = linalg.svd_of_product(B, A)
+    k = max(linalg.numerical_rank(svd.S, (B.shape[0], A.shape[1])), 1)
+    if ctx.rank is not None:
+        k = min(k, ctx.rank)
+    kept = svd.truncate(k)
+    flat = torch.full_like(kept.S, p["lambda"] * float(kept.S.mean()))
+    return _balanced(kept.U, flat, kept.Vh)
+
+
+@register("iso_cts", "Iso-CTS: a common subspace plus task-specific directions, orthogonalised and flattened",
+          params=(Param("common_fraction", float, 0.8, "share of the rank budget for the common subspace",
+                        low=0.0, high=1.0), LAMBDA), uses_rank=True)
+def iso_cts(terms: list[Term], ctx: ModuleContext, **p):
+    pairs = _task_factors(terms, ctx.device)
+    T = len(pairs)
+    B, A = linalg.stack(pairs)
+    m, n = B.shape[0], A.shape[1]
+    budget = min(ctx.rank if ctx.rank is not None else B.shape[1], m, n)
+    k_common = int(budget * p["common_fraction"])
+    k_common = budget - round((budget - k_common) / T) * T  # the rest splits evenly over tasks
+    per_task = (budget - k_common) // T
+    total = linalg.svd_of_product(B, A)
+    k_common = min(max(k_common, 0), linalg.numerical_rank(total.S, (m, n)))
+    common = total.truncate(k_common)
+    Us, Ss, Vs = [], [], []
+    for up, down in pairs:
+        residual = up - common.U @ (common.U.T @ up)  # (I − U_c U_cᵀ) τᵢ, still factored
+        svd = linalg.svd_of_product(residual, down)
+        keep = min(per_task, linalg.numerical_rank(svd.S, (m, n)))
+        if keep:
+            Us.append(svd.U[:, :keep]), Ss.append(svd.S[:keep]), Vs.append(svd.Vh[:keep])
+    Us.append(common.U), Ss.append(common.S), Vs.append(common.Vh)
+    U, S, Vh = torch.cat(Us, dim=1), torch.cat(Ss), torch.cat(Vs, dim=0)
+    nonzero = S[S > 0]
+    mean = float(nonzero.mean()) if nonzero.numel() else 0.0
+    return _balanced(polar(U), torch.full_like(S, p["lambda"] * mean), polar(Vh.T).T)

@@ -1,0 +1,242 @@
+"""Recipes: a merge written down as YAML a person can read, validated with errors that name the
+line and the field, and embedded (resolved) in the file it produces.
+
+    sources:
+      - path: style.safetensors
+        weight: 0.7
+        block_weights: OUTALL          # A1111 vector / preset, diffusers dict, patterns
+      - path: subject.safetensors
+        weight: 0.8
+    method: ties
+    params: {density: 0.5}
+    space: core                        # core or full, for the sparsifying methods
+    rank: 32                           # or energy: 0.95
+    seed: 0
+    output: {path: merged.safetensors, format: kohya, dtype: fp16, title: style+subject}
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LoraMergeError
+from .formats.write import FORMATS, resolve_dtype
+from .methods import METHODS, get_method
+
+TOP_LEVEL = ("sources", "method", "params", "space", "rank", "energy", "seed", "block_weights",
+             "output", "device")
+SOURCE_FIELDS = ("path", "weight", "block_weights")
+OUTPUT_FIELDS = ("path", "format", "dtype", "title")
+
+
+class RecipeError(LoraMergeError):
+    """A recipe that cannot be run; the message names the line and the field."""
+
+
+@dataclass
+class Source:
+    path: Path
+    weight: float = 1.0
+    block_weights: Any = None
+
+
+@dataclass
+class Recipe:
+    sources: list[Source]
+    method: str = "linear"
+    params: dict = field(default_factory=dict)
+    rank: int | None = None
+    energy: float | None = None
+    seed: int = 0
+    block_weights: Any = None
+    output: Path | None = None
+    format: str = "kohya"
+    dtype: str | None = None
+    title: str | None = None
+    device: str | None = None
+    path: Path | None = None
+
+    def merge_kwargs(self) -> dict:
+        block_weights = [s.block_weights if s.block_weights is not None else self.block_weights for s in self.sources]
+        return dict(
+            weights=[s.weight for s in self.sources], method=self.method, rank=self.rank, energy=self.energy,
+            seed=self.seed, device=self.device,
+            block_weights=block_weights if any(b is not None for b in block_weights) else None,
+            **self.params,
+        )
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe: {exc.strerror}", path) from None
+    return parse_recipe(text, path)
+
+
+def parse_recipe(text: str, path: Path | None = None) -> Recipe:
+    base = path.parent if path else Path(".")
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark else ""
+        raise RecipeError(f"{where}not valid YAML ({getattr(exc, 'problem', exc)})", path) from None
+    v = _Validator(path)
+    top = v.mapping(root, "recipe", TOP_LEVEL)
+    if "sources" not in top:
+        raise RecipeError(f"line {_line(root)}: sources: missing (list the LoRA files to merge)", path)
+    recipe = Recipe(sources=v.sources(top["sources"], base), path=path)
+    if "method" in top:
+        recipe.method = v.method(top["method"])
+    method = get_method(recipe.method)
+    if "params" in top:
+        recipe.params = v.params(top["params"], method)
+    if "space" in top:
+        if "space" not in {p.name for p in method.params}:
+            raise RecipeError(f"line {_line(top['space'])}: space: method {method.name!r} has no space choice", path)
+        recipe.params["space"] = v.scalar(top["space"], "space", str)
+    try:
+        recipe.params = {k: v_ for k, v_ in method.resolve_params(recipe.params).items() if k in recipe.params}
+    except LoraMergeError as exc:
+        node = top.get("params") or top.get("space") or root
+        raise RecipeError(f"line {_line(node)}: params: {exc.message}", path) from None
+    if "rank" in top:
+        recipe.rank = v.scalar(top["rank"], "rank", int, low=1)
+    if "energy" in top:
+        recipe.energy = v.scalar(top["energy"], "energy", float, low=1e-9, high=1.0)
+    if recipe.rank is not None and recipe.energy is not None:
+        raise RecipeError(f"line {_line(top['energy'])}: energy: give rank or energy, not both", path)
+    if (recipe.rank is not None or recipe.energy is not None) and not method.uses_rank:
+        node = top.get("rank") or top.get("energy")
+        raise RecipeError(f"line {_line(node)}: method {method.name!r} does not take a rank or energy", path)
+    if "seed" in top:
+        recipe.seed = v.scalar(top["seed"], "seed", int, low=0)
+    if "block_weights" in top:
+        recipe.block_weights = _plain(top["block_weights"])
+    if "device" in top:
+        recipe.device = v.scalar(top["device"], "device", str)
+    if "output" in top:
+        v.output(top["output"], recipe, base)
+    return recipe
+
+
+def _line(node) -> int:
+    return node.start_mark.line + 1
+
+
+def _plain(node) -> Any:
+    """A YAML node as plain Python data (safe types only)."""
+    return yaml.safe_load(yaml.serialize(node))
+
+
+class _Validator:
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def fail(self, node, where: str, problem: str):
+        raise RecipeError(f"line {_line(node)}: {where}: {problem}", self.path)
+
+    def mapping(self, node, where: str, allowed: tuple[str, ...]) -> dict:
+        if not isinstance(node, yaml.MappingNode):
+            self.fail(node, where, "expected a mapping of field: value")
+        fields = {}
+        for key_node, value_node in node.value:
+            key = key_node.value
+            if key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                self.fail(key_node, f"{where}.{key}" if where != "recipe" else key,
+                          "unknown field" + (f" (did you mean {hint[0]!r}?)" if hint else f"; fields: {', '.join(allowed)}"))
+            if key in fields:
+                self.fail(key_node, key, "given twice")
+            fields[key] = value_node
+        return fields
+
+    def scalar(self, node, where: str, kind: type, low=None, high=None):
+        if not isinstance(node, yaml.ScalarNode):
+            self.fail(node, where, f"expected a single {kind.__name__}")
+        value = yaml.safe_load(yaml.serialize(node))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if kind is str and not isinstance(value, str):
+            value = str(value)
+        if not isinstance(value, kind) or isinstance(value, bool):
+            self.fail(node, where, f"expected a {kind.__name__}, got {node.value!r}")
+        if (low is not None and value < low) or (high is not None and value > high):
+            self.fail(node, where, f"{value} is out of range")
+        return value
+
+    def method(self, node) -> str:
+        name = self.scalar(node, "method", str)
+        if name not in METHODS:
+            hint = difflib.get_close_matches(name, list(METHODS), n=1)
+            self.fail(node, "method", f"unknown merge method {name!r}"
+                      + (f" (did you mean {hint[0]!r}?)" if hint else f"; available: {', '.join(sorted(METHODS))}"))
+        return name
+
+    def params(self, node, method) -> dict:
+        fields = self.mapping(node, "params", tuple(p.name for p in method.params) or ("(none)",))
+        declared = {p.name: p for p in method.params}
+        out = {}
+        for name, value_node in fields.items():
+            value = _plain(value_node)
+            try:
+                out[name] = declared[name].coerce(value)
+            except LoraMergeError as exc:
+                self.fail(value_node, f"params.{name}", exc.message)
+        return out
+
+    def sources(self, node, base: Path) -> list[Source]:
+        if not isinstance(node, yaml.SequenceNode) or not node.value:
+            self.fail(node, "sources", "expected a list of LoRA files")
+        out = []
+        for i, item in enumerate(node.value):
+            where = f"sources[{i}]"
+            if isinstance(item, yaml.ScalarNode):  # "file.safetensors:0.7"
+                from .cli import parse_source
+
+                file, weight = parse_source(str(item.value))
+                out.append(Source(self._file(item, where, file, base), weight))
+                continue
+            fields = self.mapping(item, where, SOURCE_FIELDS)
+            if "path" not in fields:
+                self.fail(item, where, "missing path")
+            file = self._file(fields["path"], f"{where}.path", self.scalar(fields["path"], f"{where}.path", str), base)
+            weight = self.scalar(fields["weight"], f"{where}.weight", float) if "weight" in fields else 1.0
+            block_weights = _plain(fields["block_weights"]) if "block_weights" in fields else None
+            out.append(Source(file, weight, block_weights))
+        return out
+
+    def _file(self, node, where: str, name: str, base: Path) -> Path:
+        path = Path(name) if Path(name).is_absolute() else base / name
+        if not path.exists():
+            self.fail(node, where, f"no such file {name!r}")
+        return path
+
+    def output(self, node, recipe: Recipe, base: Path) -> None:
+        if isinstance(node, yaml.ScalarNode):
+            recipe.output = base / self.scalar(node, "output", str)
+            return
+        fields = self.mapping(node, "output", OUTPUT_FIELDS)
+        if "path" in fields:
+            recipe.output = base / self.scalar(fields["path"], "output.path", str)
+        if "format" in fields:
+            fmt = self.scalar(fields["format"], "output.format", str)
+            if fmt not in FORMATS:
+                self.fail(fields["format"], "output.format", f"unknown format {fmt!r}; use {' or '.join(FORMATS)}")
+            recipe.format = fmt
+        if "dtype" in fields:
+            recipe.dtype = self.scalar(fields["dtype"], "output.dtype", str)
+            try:
+                resolve_dtype(recipe.dtype)
+            except LoraMergeError as exc:
+                self.fail(fields["dtype"], "output.dtype", exc.message)
+        if "title" in fields:
+            recipe.title = self.scalar(fields["title"], "output.title", str)
