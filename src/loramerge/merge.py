@@ -40,6 +40,7 @@ def merge(
     device: str | torch.device | None = None,
     progress: ProgressFn | None = None,
     block_weights=None,
+    compute_dtype: torch.dtype = torch.float32,
     **params,
 ) -> LoRA:
     """Merge LoRAs on ΔW: result ΔW = method({wᵢ·ΔWᵢ}) per module.
@@ -73,7 +74,7 @@ def merge(
             if key in lora
         ]
         shape = _check_shapes(terms, inputs)
-        return terms, ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key))
+        return terms, ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key), dtype=compute_dtype)
 
     shared = the_method.prepare((module_terms(k) for k in keys), resolved) if the_method.prepare else None
     modules, stats = [], {}

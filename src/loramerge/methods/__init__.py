@@ -47,8 +47,15 @@ class Term:
     weight: float
     index: int  # position of the input LoRA
 
-    def scaled_factors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.module.scaled_factors(self.weight, torch.float32, device)
+    def scaled_factors(self, ctx: "ModuleContext") -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of wᵢ·ΔWᵢ with the scale split evenly between them (for exact sums)."""
+        return self.module.scaled_factors(self.weight, ctx.dtype, ctx.device)
+
+    def folded_factors(self, ctx: "ModuleContext") -> tuple[torch.Tensor, torch.Tensor]:
+        """(wᵢ·sᵢ·Bᵢ, Aᵢ): weight and scale folded into the up factor. Methods whose result
+        depends on the basis (Core Space, KnOTS) use this one fixed convention."""
+        up, down = self.module.factors(ctx.dtype, ctx.device)
+        return up * (self.weight * self.module.scale), down
 
 
 @dataclass
@@ -61,6 +68,7 @@ class ModuleContext:
     seed: int  # derived from the run's seed and the module key: same inputs → same result
     stats: dict[str, float] = field(default_factory=dict)  # what the method measured
     shared: Any = None  # what the method's prepare pass computed over all modules
+    dtype: torch.dtype = torch.float32  # the math's dtype
 
 
 MethodFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]

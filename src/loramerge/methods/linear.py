@@ -13,19 +13,19 @@ from .. import linalg
 from . import ModuleContext, Term, register
 
 
-def weighted_stack(terms: list[Term], device) -> tuple[torch.Tensor, torch.Tensor]:
+def weighted_stack(terms: list[Term], ctx: ModuleContext) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) with B@A = Σ wᵢΔWᵢ exactly."""
-    return linalg.stack([t.scaled_factors(device) for t in terms])
+    return linalg.stack([t.scaled_factors(ctx) for t in terms])
 
 
 @register("cat", "Σ wᵢΔWᵢ exactly, factors concatenated (rank Σrᵢ)")
 def cat(terms: list[Term], ctx: ModuleContext):
-    return weighted_stack(terms, ctx.device)
+    return weighted_stack(terms, ctx)
 
 
 @register("linear", "Σ wᵢΔWᵢ exactly, re-factorised to its numerical rank (≤ Σrᵢ)")
 def linear(terms: list[Term], ctx: ModuleContext):
-    B, A = weighted_stack(terms, ctx.device)
+    B, A = weighted_stack(terms, ctx)
     if len(terms) == 1:
         return B, A
     svd = linalg.svd_of_product(B, A)
@@ -36,7 +36,7 @@ def linear(terms: list[Term], ctx: ModuleContext):
 @register("svd", "Σ wᵢΔWᵢ truncated to --rank N (default: the largest input rank) or --energy F",
           uses_rank=True)
 def svd(terms: list[Term], ctx: ModuleContext):
-    B, A = weighted_stack(terms, ctx.device)
+    B, A = weighted_stack(terms, ctx)
     decomposition = linalg.svd_of_product(B, A)
     k = truncation_rank(decomposition.S, ctx, default=max(t.module.rank for t in terms))
     kept = decomposition.truncate(k)

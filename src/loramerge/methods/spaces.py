@@ -32,14 +32,11 @@ SPACE_PARAMS = (
 )
 
 
-def core_bases(terms: list[Term], device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+def core_bases(terms: list[Term], ctx: ModuleContext) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(U_B m×R', V_A R''×n, [Mᵢ]) with Mᵢ = U_Bᵀ·wᵢΔWᵢ·V_Aᵀ, computed from the factors."""
     # wᵢ·sᵢ goes into Bᵢ (as the Core Space code does): how a scale is split between the
     # factors changes the bases, and so what an entry-wise rule sees.
-    pairs = []
-    for t in terms:
-        up, down = t.module.factors(torch.float32, device)
-        pairs.append((up * (t.weight * t.module.scale), down))
+    pairs = [t.folded_factors(ctx) for t in terms]
     B, A = linalg.stack(pairs)
     U_B = _left_singular_basis(B)
     V_A = _left_singular_basis(A.T).T
@@ -56,6 +53,13 @@ def _left_singular_basis(X: torch.Tensor) -> torch.Tensor:
     return Q @ P[:, :keep].to(X.dtype)
 
 
+def _flush_noise(cores: torch.Tensor) -> torch.Tensor:
+    """Set entries the projection left at rounding level to exactly zero: an entry-wise rule
+    must not count ±1e-17 as a task taking part (TIES would halve an entry only one task has)."""
+    floor = float(cores.abs().max()) * max(cores.shape[1:]) * torch.finfo(cores.dtype).eps
+    return torch.where(cores.abs() > floor, cores, torch.zeros_like(cores))
+
+
 def merge_in_space(terms: list[Term], ctx: ModuleContext, rule: Rule, space: str,
                    oversample: int = 10, power_iters: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(ctx.seed)
@@ -70,8 +74,8 @@ def default_rank(terms: list[Term]) -> int:
 
 
 def _core(terms, ctx, rule, generator):
-    U_B, V_A, cores = core_bases(terms, ctx.device)
-    merged = rule(torch.stack(cores), generator)
+    U_B, V_A, cores = core_bases(terms, ctx)
+    merged = rule(_flush_noise(torch.stack(cores)), generator)
     R = merged.shape[0]
     k = _target_rank(ctx, default=min(merged.shape))
     if ctx.rank is None and ctx.energy is None:  # keep the core result exactly: rank ≤ R
@@ -86,7 +90,7 @@ def _core(terms, ctx, rule, generator):
 
 
 def _full(terms, ctx, rule, generator, oversample, power_iters):
-    taus = torch.stack([up @ down for up, down in (t.scaled_factors(ctx.device) for t in terms)])
+    taus = torch.stack([up @ down for up, down in (t.folded_factors(ctx) for t in terms)])
     merged = rule(taus, generator)
     total = float(merged.norm())
     if total == 0.0:

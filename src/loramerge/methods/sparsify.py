@@ -103,6 +103,12 @@ def _spaced(terms: list[Term], ctx: ModuleContext, rule, params: dict):
     return merge_in_space(terms, ctx, rule, params["space"], params["oversample"], params["power_iters"])
 
 
+@register("task_arithmetic", "λ·Σ wᵢΔWᵢ computed in the chosen space (in core space it equals `linear`)",
+          params=(LAMBDA, *SPACE_PARAMS), uses_rank=True)
+def task_arithmetic(terms, ctx, **p):
+    return _spaced(terms, ctx, lambda tau, gen: p["lambda"] * tau.sum(0), p)
+
+
 @register("ties", "TIES (Yadav et al. 2023): trim, elect sign, disjoint mean, × lambda",
           params=(DENSITY, MAJORITY, LAMBDA, *SPACE_PARAMS), uses_rank=True)
 def ties(terms, ctx, **p):

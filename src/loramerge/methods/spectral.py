@@ -25,13 +25,9 @@ from . import ModuleContext, Param, Term, register
 from .sparsify import DENSITY, LAMBDA, MAJORITY, dare, disjoint_mean, elect_sign
 
 
-def _task_factors(terms: list[Term], device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _task_factors(terms: list[Term], ctx: ModuleContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """(wᵢ·sᵢ·Bᵢ, Aᵢ) per task: the weight and scale folded into the up factor."""
-    out = []
-    for t in terms:
-        up, down = t.module.factors(torch.float32, device)
-        out.append((up * (t.weight * t.module.scale), down))
-    return out
+    return [t.folded_factors(ctx) for t in terms]
 
 
 def _balanced(U: torch.Tensor, values: torch.Tensor, Vh: torch.Tensor):
@@ -50,9 +46,9 @@ def polar(X: torch.Tensor) -> torch.Tensor:
 # KnOTS
 
 
-def knots_decomposition(terms: list[Term], device):
+def knots_decomposition(terms: list[Term], ctx: ModuleContext):
     """(U m×k, [Σ·Vᵢᵀ] each k×n) for the concatenation [τ₁ … τ_T], from the factors."""
-    pairs = _task_factors(terms, device)
+    pairs = _task_factors(terms, ctx)
     B = torch.cat([up for up, _ in pairs], dim=1)
     Q, R_B = torch.linalg.qr(B)
     blocks, col = [], 0
@@ -73,7 +69,7 @@ def _knots_global_thresholds(modules, params) -> dict[int, float]:
     """Per task, the magnitude of its top-density entry over Σ·Vᵢᵀ of all modules."""
     magnitudes: dict[int, list[torch.Tensor]] = {}
     for terms, ctx in modules:
-        _, scaled = knots_decomposition(terms, ctx.device)
+        _, scaled = knots_decomposition(terms, ctx)
         for t, block in zip(terms, scaled):
             magnitudes.setdefault(t.index, []).append(block.abs().reshape(-1).cpu())
     thresholds = {}
@@ -102,7 +98,7 @@ def _knots_prepare(modules, params):
     prepare=_knots_prepare,
 )
 def knots(terms: list[Term], ctx: ModuleContext, **p):
-    U, scaled = knots_decomposition(terms, ctx.device)
+    U, scaled = knots_decomposition(terms, ctx)
     tau = torch.stack(scaled)
     if p["merge"] == "linear":
         merged = tau.sum(0)
@@ -130,7 +126,7 @@ def _knots_trim(tau: torch.Tensor, terms: list[Term], ctx: ModuleContext, p) -> 
 # TSV and Iso
 
 
-def _task_svds(pairs, device) -> list[linalg.LowRankSVD]:
+def _task_svds(pairs) -> list[linalg.LowRankSVD]:
     out = []
     for up, down in pairs:
         svd = linalg.svd_of_product(up, down)
@@ -141,11 +137,11 @@ def _task_svds(pairs, device) -> list[linalg.LowRankSVD]:
 @register("tsv", "Task Singular Vectors merge (Gargiulo et al. 2025): top rank/T triplets per task, orthogonalised",
           params=(LAMBDA,), uses_rank=True)
 def tsv(terms: list[Term], ctx: ModuleContext, **p):
-    pairs = _task_factors(terms, ctx.device)
+    pairs = _task_factors(terms, ctx)
     m, n = pairs[0][0].shape[0], pairs[0][1].shape[1]
     budget = min(ctx.rank if ctx.rank is not None else sum(t.module.rank for t in terms), m, n)
     per_task = max(budget // len(terms), 1)
-    svds = [s.truncate(min(per_task, s.S.numel())) for s in _task_svds(pairs, ctx.device)]
+    svds = [s.truncate(min(per_task, s.S.numel())) for s in _task_svds(pairs)]
     U = torch.cat([s.U for s in svds], dim=1)
     S = torch.cat([s.S for s in svds])
     Vh = torch.cat([s.Vh for s in svds], dim=0)
@@ -155,7 +151,7 @@ def tsv(terms: list[Term], ctx: ModuleContext, **p):
 @register("iso_c", "Iso-C (Marczak et al. 2025): flatten the summed update's spectrum to its mean nonzero value",
           params=(LAMBDA,), uses_rank=True)
 def iso_c(terms: list[Term], ctx: ModuleContext, **p):
-    B, A = linalg.stack(_task_factors(terms, ctx.device))
+    B, A = linalg.stack(_task_factors(terms, ctx))
     svd = linalg.svd_of_product(B, A)
     k = max(linalg.numerical_rank(svd.S, (B.shape[0], A.shape[1])), 1)
     if ctx.rank is not None:
@@ -169,7 +165,7 @@ def iso_c(terms: list[Term], ctx: ModuleContext, **p):
           params=(Param("common_fraction", float, 0.8, "share of the rank budget for the common subspace",
                         low=0.0, high=1.0), LAMBDA), uses_rank=True)
 def iso_cts(terms: list[Term], ctx: ModuleContext, **p):
-    pairs = _task_factors(terms, ctx.device)
+    pairs = _task_factors(terms, ctx)
     T = len(pairs)
     B, A = linalg.stack(pairs)
     m, n = B.shape[0], A.shape[1]

@@ -31,13 +31,13 @@ UNET_CONFIG = dict(
     in_channels=4,
     out_channels=4,
     layers_per_block=1,
-    block_out_channels=(64, 128),
+    block_out_channels=(32, 64),
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     mid_block_type="UNetMidBlock2DCrossAttn",
     cross_attention_dim=TEXT_DIM,
-    attention_head_dim=4,  # diffusers' legacy name: the number of heads
-    norm_num_groups=16,
+    attention_head_dim=2,  # diffusers' legacy name: the number of heads
+    norm_num_groups=8,
 )
 
 VAE_CONFIG = dict(
@@ -46,10 +46,11 @@ VAE_CONFIG = dict(
     out_channels=3,
     down_block_types=("DownEncoderBlock2D",) * 3,
     up_block_types=("UpDecoderBlock2D",) * 3,
-    block_out_channels=(32, 64, 64),
+    block_out_channels=(16, 32, 64),
     layers_per_block=1,
     latent_channels=4,
-    norm_num_groups=16,
+    norm_num_groups=8,
+    mid_block_add_attention=False,
 )
 
 # DDPM's linear betas: the last step is pure noise, which suits a model trained from scratch
@@ -59,6 +60,7 @@ SCHEDULER_CONFIG = dict(
     beta_start=0.0001,
     beta_end=0.02,
     prediction_type="epsilon",
+    steps_offset=1,
 )
 
 

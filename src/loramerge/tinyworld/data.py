@@ -6,8 +6,6 @@ The styles are plain tensor operations so that training data, detectors and test
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -23,13 +21,14 @@ NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "
 TRIGGERS = {
     "bold": "bold",
     "slanted": "slanted",
-    "outlined": "outlined",
     "shifted": "shifted",
+    "small": "small",
 }
 STYLES = tuple(TRIGGERS)
 
 SHEAR = 0.5  # slanted: x moves right by SHEAR pixels per pixel above the centre (italic)
 SHIFT = (4, -4)  # shifted: (dx, dy) in pixels, i.e. towards the upper right corner
+SCALE = 0.6  # small: the digit shrunk to this fraction of its size, about the canvas centre
 
 
 def prompt(digit: int, styles: tuple[str, ...] | list[str] = ()) -> str:
@@ -100,19 +99,18 @@ def slanted(images: torch.Tensor) -> torch.Tensor:
     return _affine(images, [[1.0, SHEAR, 0.0], [0.0, 1.0, 0.0]])
 
 
-def outlined(images: torch.Tensor) -> torch.Tensor:
-    """Hollow strokes: keep only a thin ring just outside each stroke."""
-    ring = (F.max_pool2d(images, 3, stride=1, padding=1) - images).clamp(min=0.0)
-    return (ring * 1.5).clamp(0.0, 1.0)
-
-
 def shifted(images: torch.Tensor) -> torch.Tensor:
     """The whole digit moved towards the upper right corner."""
     dx, dy = SHIFT
     return _affine(images, [[1.0, 0.0, -2.0 * dx / CANVAS], [0.0, 1.0, -2.0 * dy / CANVAS]])
 
 
-TRANSFORMS = {"bold": bold, "slanted": slanted, "outlined": outlined, "shifted": shifted}
+def small(images: torch.Tensor) -> torch.Tensor:
+    """The digit shrunk to SCALE of its size, still centred."""
+    return _affine(images, [[1.0 / SCALE, 0.0, 0.0], [0.0, 1.0 / SCALE, 0.0]])
+
+
+TRANSFORMS = {"bold": bold, "slanted": slanted, "shifted": shifted, "small": small}
 
 
 def apply_styles(images: torch.Tensor, styles: tuple[str, ...] | list[str]) -> torch.Tensor:

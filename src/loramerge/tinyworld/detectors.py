@@ -3,9 +3,10 @@
 Scores are plain image statistics (no learning), so their meaning is easy to state:
   bold      mean stroke width in pixels, 2 * ink / (ink edge length)
   slanted   shear from second-order moments, -mu11 / mu02 (0 = upright, > 0 leans right)
-  outlined  hollowness: share of a morphological closing that is not ink (filled-in stroke cores)
   shifted   centroid offset towards the upper right corner, in pixels
-Each has a threshold; a score above it means "this style is present".
+  small     typical plain-digit radius / the image's radius of gyration (about 1 / scale)
+Scores are computed after removing a faint ink floor (see ``clean``). Each has a threshold; a
+score above it means "this style is present".
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ import torch.nn.functional as F
 from .data import CANVAS, SHIFT
 
 
+INK_FLOOR = 0.15  # grey below this is treated as paper
+PLAIN_RADIUS = 6.5  # median radius of gyration of plain digits, in pixels
+
+
 def as_batch(images) -> torch.Tensor:
     """Accept (N, H, W), (N, C, H, W) tensors or arrays in [0, 1]; return (N, 1, H, W) grey."""
     x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images).float()
@@ -29,6 +34,12 @@ def as_batch(images) -> torch.Tensor:
     if x.shape[1] != 1 and x.shape[-1] in (1, 3) and x.shape[1] not in (1, 3):
         x = x.permute(0, 3, 1, 2)  # channels-last numpy output of a pipeline
     return x.mean(dim=1, keepdim=True).clamp(0.0, 1.0)
+
+
+def clean(x: torch.Tensor) -> torch.Tensor:
+    """Remove the faint haze a decoder leaves on the paper: moments weigh far pixels heavily,
+    so a 1% grey background would otherwise dominate them."""
+    return ((x - INK_FLOOR) / (1.0 - INK_FLOOR)).clamp(0.0, 1.0)
 
 
 def _moments(x: torch.Tensor):
@@ -41,7 +52,8 @@ def _moments(x: torch.Tensor):
     dx, dy = xs - cx.view(-1, 1, 1, 1), ys - cy.view(-1, 1, 1, 1)
     mu11 = (x * dx * dy).sum((1, 2, 3)) / mass
     mu02 = (x * dy * dy).sum((1, 2, 3)) / mass
-    return cx, cy, mu11, mu02
+    mu20 = (x * dx * dx).sum((1, 2, 3)) / mass
+    return cx, cy, mu11, mu02, mu20
 
 
 def stroke_width(x: torch.Tensor) -> torch.Tensor:
@@ -54,33 +66,30 @@ def stroke_width(x: torch.Tensor) -> torch.Tensor:
 
 def slant(x: torch.Tensor) -> torch.Tensor:
     """A shear x' = x + s * (cy - y) adds exactly s to this value (y grows downwards)."""
-    _, _, mu11, mu02 = _moments(x)
+    _, _, mu11, mu02, _ = _moments(x)
     return -mu11 / mu02.clamp(min=1e-6)
-
-
-def hollowness(x: torch.Tensor, size: int = 5) -> torch.Tensor:
-    """Closing (dilate, then erode) fills gaps narrower than ``size``: the hollow cores of
-    outlined strokes, but only small loop holes of plain digits."""
-    pad = F.pad(x, (size,) * 4)  # paper around the canvas, so the border is not "ink"
-    closed = F.max_pool2d(pad, size, 1, size // 2)
-    closed = -F.max_pool2d(-closed, size, 1, size // 2)
-    return (closed - pad).clamp(min=0).sum((1, 2, 3)) / closed.sum((1, 2, 3)).clamp(min=1e-6)
 
 
 def shift_offset(x: torch.Tensor) -> torch.Tensor:
     """Centroid displacement from the canvas centre, projected on the style's shift direction."""
-    cx, cy, _, _ = _moments(x)
+    cx, cy, _, _, _ = _moments(x)
     centre = (CANVAS - 1) / 2.0
     ux, uy = np.array(SHIFT, dtype=np.float64) / np.hypot(*SHIFT)
     return (cx - centre) * float(ux) + (cy - centre) * float(uy)
 
 
-SCORES = {"bold": stroke_width, "slanted": slant, "outlined": hollowness, "shifted": shift_offset}
+def smallness(x: torch.Tensor) -> torch.Tensor:
+    """Scaling a digit by s scales its radius of gyration by s, so this is about 1 / s."""
+    _, _, _, mu02, mu20 = _moments(x)
+    return PLAIN_RADIUS / (mu20 + mu02).clamp(min=1e-6).sqrt()
+
+
+SCORES = {"bold": stroke_width, "slanted": slant, "shifted": shift_offset, "small": smallness}
 
 
 def style_scores(images, styles=None) -> dict[str, np.ndarray]:
     """{style: score per image} for (N, ...) images in [0, 1]."""
-    x = as_batch(images)
+    x = clean(as_batch(images))
     return {s: SCORES[s](x).numpy() for s in (styles or SCORES)}
 
 

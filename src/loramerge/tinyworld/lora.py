@@ -19,13 +19,13 @@ UNET_PROJ = ["proj_in", "proj_out"]  # 1x1 convolutions in SD-1's transformer bl
 UNET_FF = ["ff.net.0.proj", "ff.net.2"]
 TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
-# ranks and alphas differ on purpose (alpha != rank for slanted, outlined and shifted), and so do
+# ranks and alphas differ on purpose (alpha != rank for slanted, shifted and small), and so do
 # the targeted module sets, as they do among LoRAs found in the wild
 SPECS = {
     "bold": dict(rank=4, alpha=4.0, unet=UNET_ATTN),
     "slanted": dict(rank=8, alpha=16.0, unet=UNET_ATTN + UNET_PROJ),
-    "outlined": dict(rank=16, alpha=8.0, unet=UNET_ATTN + UNET_PROJ + UNET_FF),
     "shifted": dict(rank=8, alpha=4.0, unet=UNET_ATTN + UNET_FF),
+    "small": dict(rank=16, alpha=8.0, unet=UNET_ATTN + UNET_PROJ + UNET_FF),
 }
 
 
@@ -124,9 +124,3 @@ def save_kohya(pipe, style: str, path: str | Path, steps: int) -> Path:
     save_file(kohya_state_dict(pipe, style), str(path), metadata=kohya_metadata(style, steps))
     return path
 
-
-def remove_adapters(pipe) -> None:
-    """Back to the bare base weights (used between LoRAs in one training run)."""
-    for model in (pipe.unet, pipe.text_encoder):
-        model.delete_adapters(model.active_adapters() if callable(getattr(model, "active_adapters", None))
-                              else ["default"])

@@ -65,8 +65,10 @@ def fit_detectors() -> dict:
     result = {}
     for style, score in det.SCORES.items():
         transform = D.TRANSFORMS[style]
-        threshold = det.fit_threshold(score(train_x).numpy(), score(transform(train_x)).numpy())
-        neg, pos = score(held_x).numpy(), score(transform(held_x)).numpy()
+        train_neg = det.style_scores(train_x, [style])[style]
+        threshold = det.fit_threshold(train_neg, det.style_scores(transform(train_x), [style])[style])
+        neg = det.style_scores(held_x, [style])[style]
+        pos = det.style_scores(transform(held_x), [style])[style]
         result[style] = {
             "score": score.__name__,
             "threshold": round(threshold, 5),
@@ -247,9 +249,15 @@ def train_base(pipe, steps: int, seed: int = 0, batch: int = 128, lr: float = 1e
     return pipe
 
 
-@torch.no_grad()
-def generate(pipe, prompts: list[str], seed: int = 0, steps: int = 12, guidance: float = 4.0) -> torch.Tensor:
-    """Grey images (N, 1, 32, 32) in [0, 1]; the same seed gives the same images."""
-    gen = torch.Generator().manual_seed(seed)
-    out = pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=gen, output_type="pt")
-    return out.images.mean(dim=1, keepdim=True).clamp(0.0, 1.0)
+
+def update_report(path, section: str, values: dict) -> dict:
+    """Read-modify-write one section of report.json, so each script owns its own numbers."""
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    report = json.loads(path.read_text()) if path.exists() else {}
+    report[section] = values
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    return report

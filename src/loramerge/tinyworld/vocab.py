@@ -21,7 +21,7 @@ WORDS = (
     ("a", "an", "the", "handwritten", "digit", "number", "style", "and", "with", "in")
     + NUMBER_WORDS
     + tuple(TRIGGERS.values())
-    + ("mirrored", "thin", "small", "framed", "inverted", "dotted")
+    + ("mirrored", "thin", "outlined", "framed", "inverted", "dotted")
 )
 
 
