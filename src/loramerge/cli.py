@@ -26,8 +26,9 @@ err = Console(stderr=True)
 out = Console()
 
 
-def run_guarded(fn: Callable[[], None]) -> None:
+def run_guarded(fn: Callable[[], None], threads: Optional[int] = None) -> None:
     """Run a command; a LoraMergeError becomes one line on stderr and exit code 2."""
+    _set_threads(threads)
     try:
         fn()
     except LoraMergeError as exc:
@@ -66,9 +67,13 @@ def make_progress() -> Progress:
 
 
 def _set_threads(threads: Optional[int]) -> None:
-    if threads:
-        import torch
+    """--threads, else LORAMERGE_THREADS, else torch's default — except on machines with two
+    cores or fewer, where a second intra-op thread mostly spins (per-module work is small) and
+    can make small matrix products 5–100× slower while anything else runs."""
+    import torch
 
+    threads = threads or int(os.environ.get("LORAMERGE_THREADS", "0")) or (1 if (os.cpu_count() or 1) <= 2 else 0)
+    if threads:
         torch.set_num_threads(threads)
 
 
@@ -123,7 +128,6 @@ def merge(
         from .merge import load, merge as merge_loras
         from .recipe import Recipe, Source, load_recipe
 
-        _set_threads(threads)
         if recipe is not None:
             if sources:
                 raise UsageError("give the sources in the recipe or on the command line, not both")
@@ -159,7 +163,7 @@ def merge(
         result.save(target, format=plan.format, dtype=plan.dtype, metadata=extra)
         _print_merge_summary(result, target, time.perf_counter() - start)
 
-    run_guarded(body)
+    run_guarded(body, threads)
 
 
 def _parse_params(items: list[str]) -> dict[str, str]:
@@ -204,6 +208,40 @@ def convert(
         lora = load(file, arch=arch)
         lora.save(output, format=format, dtype=dtype)
         err.print(f"wrote {output}: {len(lora)} modules ({lora.arch}, {lora.format} → {format})", highlight=False, soft_wrap=True)
+
+    run_guarded(body)
+
+
+@app.command()
+def analyze(
+    files: List[Path] = typer.Argument(..., help="Two or more LoRA files."),
+    out_dir: Path = typer.Option(Path("loramerge-analysis"), "--out", help="Folder for analysis.json and the plots."),
+    density: float = typer.Option(0.2, "--density", help="Density at which sign conflicts are counted."),
+    method: str = typer.Option("svd", "--method", "-m", help="Candidate merge whose energy retention is reported."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank of the candidate merge (svd-type methods)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection."),
+):
+    """Per block: cosine similarity, sign conflicts, spectra and effective rank, energy a merge keeps."""
+
+    def body():
+        from .analysis import analyze as run_analysis, write_report
+        from .merge import load, merge as merge_loras
+
+        if len(files) < 2:
+            raise UsageError("analyze needs at least two LoRA files")
+        loras = [load(f, arch=arch) for f in files]
+        from .methods import get_method
+
+        candidate = merge_loras(loras, method=method, rank=rank if get_method(method).uses_rank else None)
+        result = run_analysis(loras, [f.stem for f in files], density=density, merged=candidate)
+        paths = write_report(result, out_dir)
+        for name, row in result["blocks"].items():
+            cos = ", ".join(f"{v:+.2f}" for v in row["cosine"].values())
+            conf = ", ".join(f"{v:.2f}" for v in row["sign_conflict"].values())
+            kept = ", ".join(f"{v:.2f}" if v is not None else "-" for v in row.get("energy_retained", []))
+            out.print(f"{name:<34} cos {cos:<14} conflicts {conf:<12} kept by {method} {kept}",
+                      highlight=False, soft_wrap=True)
+        err.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
 
     run_guarded(body)
 
