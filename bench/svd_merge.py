@@ -15,7 +15,6 @@ Run: python bench/svd_merge.py [--keep DIR]
 from __future__ import annotations
 
 import argparse
-import collections
 import os
 import subprocess
 import sys
@@ -23,28 +22,13 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ["OMP_NUM_THREADS"] = "1"
-os.environ["MKL_NUM_THREADS"] = "1"
-
+import common  # noqa: E402  (one thread)
 import torch  # noqa: E402
 
-torch.set_num_threads(1)
-
 import loramerge  # noqa: E402
-from loramerge.synthetic import attention_targets, random_lora  # noqa: E402
 
 WEIGHTS = (0.7, 0.5)
 RANK = 32
-
-
-def build_inputs(folder: Path) -> tuple[Path, Path, dict]:
-    targets = attention_targets("sdxl", ("unet",))
-    assert len(targets) == 722, len(targets)
-    a = random_lora("sdxl", targets, rank=32, alpha=16, seed=1, dtype=torch.float16)
-    b = random_lora("sdxl", targets, rank=16, alpha=16, seed=2, dtype=torch.float16)
-    a.save(folder / "a.safetensors", format="kohya")
-    b.save(folder / "b.safetensors", format="kohya")
-    return folder / "a.safetensors", folder / "b.safetensors", targets
 
 
 def time_loramerge(a: Path, b: Path, out: Path, *extra: str) -> float:
@@ -53,15 +37,6 @@ def time_loramerge(a: Path, b: Path, out: Path, *extra: str) -> float:
     start = time.perf_counter()
     subprocess.run(cmd, check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     return time.perf_counter() - start
-
-
-def one_per_shape(targets: dict) -> tuple[dict[tuple, str], collections.Counter]:
-    by_shape: dict[tuple, str] = {}
-    counts: collections.Counter = collections.Counter()
-    for (_, name), shape in sorted(targets.items()):
-        by_shape.setdefault(tuple(shape), name)
-        counts[tuple(shape)] += 1
-    return by_shape, counts
 
 
 def time_peft(la, lb, name: str, full_matrices: bool) -> tuple[float, torch.Tensor]:
@@ -101,7 +76,7 @@ def main() -> None:
     folder = args.keep or Path(tempfile.mkdtemp(prefix="loramerge-bench-"))
     folder.mkdir(parents=True, exist_ok=True)
 
-    a, b, targets = build_inputs(folder)
+    a, b, targets = common.sdxl_pair(folder)
     print(f"inputs: 2 SDXL UNet LoRAs, 722 modules, ranks 32 and 16, fp16 ({a.stat().st_size / 2**20:.0f} MiB, "
           f"{b.stat().st_size / 2**20:.0f} MiB); torch threads = {torch.get_num_threads()}")
 
@@ -114,7 +89,7 @@ def main() -> None:
     merged = loramerge.load(folder / "merged32.safetensors")
     merged16 = loramerge.load(folder / "merged.safetensors")
     worst16 = 0.0
-    shapes, counts = one_per_shape(targets)
+    shapes, counts = common.one_per_shape(targets)
     print(f"PEFT add_weighted_adapter(svd) on one module of each of {len(shapes)} distinct shapes, "
           "extrapolated to 722 modules by shape counts:")
     totals = {True: 0.0, False: 0.0}

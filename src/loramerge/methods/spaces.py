@@ -1,28 +1,33 @@
 """Where an entry-wise merge rule runs: on the dense delta ("full") or in Core Space ("core").
 
-A rule maps the stacked task matrices τ (T × p × q) of one module to one merged p × q matrix.
+A rule (:class:`Rule`) merges the task matrices τᵢ of one module entry by entry, after an
+optional whole-matrix statistic per task (a magnitude threshold) and optional uniform draws
+per entry (DARE, DELLA).
 
-- full: τᵢ = wᵢ·ΔWᵢ, dense m×n, one module at a time; the merged matrix is re-factorised to
-  the target rank by randomized SVD (oversampling, power iterations) and the relative
-  re-factorisation error ‖M − M_k‖/‖M‖ is recorded per module.
+- full: τᵢ = wᵢ·ΔWᵢ, dense m×n, one module at a time and, inside it, a block of rows at a
+  time (recomputed from the factors, so no T×m×n stack exists and the work stays in cache).
+  The merged matrix is re-factorised to the target rank by randomized SVD (oversampling,
+  power iterations); the relative error ‖M − M_k‖_F/‖M‖_F is recorded per module.
 - core (Core Space merging, Panariello et al., NeurIPS 2025): with B = [B₁ … B_T] (m×R) and
-  A = [A₁; …; A_T] (R×n), U_B spans B's columns and V_A spans A's rows (orthonormal, from the
-  SVDs of the stacked factors); every task is projected to Mᵢ = U_Bᵀ ΔWᵢ V_Aᵀ =
-  (U_Bᵀ Bᵢ)(Aᵢ V_Aᵀ), an R×R matrix, never m×n. The rule merges the Mᵢ and the result maps
-  back as U_B·M·V_A. The projection is exact for every task (ΔWᵢ = U_B Mᵢ V_A), so a linear
-  rule loses nothing.
+  A = [A₁; …; A_T] (R×n), U_B holds B's left singular vectors and V_A A's right singular
+  vectors (both from thin QR + an R×R SVD); each task becomes Mᵢ = U_Bᵀ·τᵢ·V_Aᵀ =
+  (U_Bᵀ Bᵢ)(Aᵢ V_Aᵀ), R×R, never m×n. The rule merges the Mᵢ; the result maps back as
+  U_B·M·V_A. The projection is exact for every task (τᵢ = U_B Mᵢ V_A), so a linear rule
+  loses nothing.
+Random draws are per task, from a generator seeded by the module and the task's input index,
+in row-major order: the same numbers whatever the chunking.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from .. import linalg
 from . import ModuleContext, Param, Term
-
-Rule = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 SPACE_PARAMS = (
     Param("space", str, "core", "core: merge in Core Space (exact bases, R×R); full: on the dense delta",
@@ -30,6 +35,33 @@ SPACE_PARAMS = (
     Param("oversample", int, 10, "randomized SVD oversampling (full space)", low=0),
     Param("power_iters", int, 2, "randomized SVD power iterations (full space)", low=0),
 )
+_CHUNK_ELEMENTS = 1 << 16  # per task: rows × n kept near this, to stay in cache
+
+
+@dataclass(frozen=True)
+class Rule:
+    """apply(τ block T×rows×q, per-task stats, uniform draws T×rows×q or None) → rows×q."""
+
+    apply: Callable[[torch.Tensor, list, torch.Tensor | None], torch.Tensor]
+    task_stats: Callable[[torch.Tensor], Any] | None = None  # |τᵢ| flattened → stats for task i
+    random: bool = False
+
+
+def kth_largest(values: torch.Tensor, k: int) -> float:
+    """The k-th largest of a 1-D tensor (+inf for k = 0), by linear-time selection."""
+    n = values.numel()
+    if k <= 0:
+        return float("inf")
+    if k >= n:
+        return float(values.min())
+    array = values.detach().cpu().numpy()
+    array.partition(n - k)  # in place: callers pass a temporary (|τ|)
+    return float(array[n - k])
+
+
+def task_seed(module_seed: int, index: int) -> int:
+    """The seed of task ``index``'s draws in one module."""
+    return (module_seed * 1_000_003 + index) % (1 << 63)
 
 
 def core_bases(terms: list[Term], ctx: ModuleContext) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
@@ -62,10 +94,9 @@ def _flush_noise(cores: torch.Tensor) -> torch.Tensor:
 
 def merge_in_space(terms: list[Term], ctx: ModuleContext, rule: Rule, space: str,
                    oversample: int = 10, power_iters: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(ctx.seed)
     if space == "core":
-        return _core(terms, ctx, rule, generator)
-    return _full(terms, ctx, rule, generator, oversample, power_iters)
+        return _core(terms, ctx, rule)
+    return _full(terms, ctx, rule, oversample, power_iters)
 
 
 def default_rank(terms: list[Term]) -> int:
@@ -73,55 +104,82 @@ def default_rank(terms: list[Term]) -> int:
     return sum(t.module.rank for t in terms)
 
 
-def _core(terms, ctx, rule, generator):
+def _generators(terms: list[Term], ctx: ModuleContext) -> list[torch.Generator]:
+    return [torch.Generator().manual_seed(task_seed(ctx.seed, t.index)) for t in terms]
+
+
+def _draws(generators, shape, dtype):
+    return torch.stack([torch.rand(shape, generator=g, dtype=dtype) for g in generators])
+
+
+def _core(terms, ctx, rule):
     U_B, V_A, cores = core_bases(terms, ctx)
-    merged = rule(_flush_noise(torch.stack(cores)), generator)
-    R = merged.shape[0]
-    k = _target_rank(ctx, default=min(merged.shape))
+    tau = _flush_noise(torch.stack(cores))
+    stats = [rule.task_stats(t.abs().reshape(-1)) for t in tau] if rule.task_stats else [None] * len(terms)
+    draws = _draws(_generators(terms, ctx), tau.shape[1:], tau.dtype) if rule.random else None
+    merged = rule.apply(tau, stats, draws)
     if ctx.rank is None and ctx.energy is None:  # keep the core result exactly: rank ≤ R
         return U_B @ merged, V_A
     P, S, Qh = torch.linalg.svd(merged.double(), full_matrices=False)
     svd = linalg.LowRankSVD(P.to(merged.dtype), S.to(merged.dtype), Qh.to(merged.dtype))
-    k = _energy_rank(svd.S, ctx) if ctx.energy is not None else min(k, R)
+    k = linalg.rank_for_energy(svd.S, ctx.energy) if ctx.energy is not None else min(ctx.rank, S.numel())
     kept = svd.truncate(max(k, 1))
     ctx.stats["energy_kept"] = float(kept.energy / svd.energy) if float(svd.energy) > 0 else 1.0
     up, down = kept.factors()
     return U_B @ up, down @ V_A
 
 
-def _full(terms, ctx, rule, generator, oversample, power_iters):
-    taus = torch.stack([up @ down for up, down in (t.folded_factors(ctx) for t in terms)])
-    merged = rule(taus, generator)
-    total = float(merged.norm())
-    if total == 0.0:
+def _full(terms, ctx, rule, oversample, power_iters):
+    # One module's task deltas, dense (T×m×n: the largest SDXL module with two tasks is
+    # ~100 MB); the entry-wise rule then runs a block of rows at a time, in cache.
+    tau = torch.stack([up @ down for up, down in (t.folded_factors(ctx) for t in terms)])
+    stats = [rule.task_stats(t.abs().reshape(-1)) for t in tau] if rule.task_stats else [None] * len(terms)
+    generators = _generators(terms, ctx) if rule.random else None
+    m, n = tau.shape[1:]
+    merged = torch.empty(m, n, dtype=ctx.dtype)
+    total_sq = 0.0
+    rows = max(1, _CHUNK_ELEMENTS // n)
+    for start in range(0, m, rows):
+        block = tau[:, start:start + rows]
+        draws = _draws(generators, block.shape[1:], block.dtype) if rule.random else None
+        out = merged[start:start + rows]
+        out.copy_(rule.apply(block, stats, draws))
+        total_sq += float(torch.sum(out * out, dtype=torch.float64))
+    del tau
+    return refactorise(merged, ctx, default_rank(terms), oversample, power_iters, total_sq)
+
+
+def refactorise(merged: torch.Tensor, ctx: ModuleContext, default: int, oversample: int, power_iters: int,
+                total_sq: float | None = None):
+    """Randomized SVD of a dense merged delta to --rank (or --energy); records the error."""
+    if total_sq is None:
+        total_sq = float(torch.sum(merged * merged, dtype=torch.float64))
+    if total_sq == 0.0:
         ctx.stats["refactor_error"] = 0.0
-        return torch.zeros(merged.shape[0], 1), torch.zeros(1, merged.shape[1])
-    k = _target_rank(ctx, default=default_rank(terms))
-    sketch_gen = torch.Generator().manual_seed(ctx.seed ^ 0x5EED)
+        return torch.zeros(merged.shape[0], 1, dtype=merged.dtype), torch.zeros(1, merged.shape[1], dtype=merged.dtype)
+    k = ctx.rank if ctx.rank is not None else default
+    generator = torch.Generator().manual_seed(ctx.seed ^ 0x5EED)
     if ctx.energy is not None:
-        svd = _energy_sketch(merged, ctx.energy, k, oversample, power_iters, sketch_gen)
+        svd = _energy_sketch(merged, ctx.energy, k, oversample, power_iters, generator, total_sq)
     else:
-        svd = linalg.randomized_svd(merged, k, oversample, power_iters, sketch_gen)
-    up, down = svd.factors()
-    ctx.stats["refactor_error"] = float((merged - up @ down).norm()) / total
-    return up, down
+        svd = linalg.randomized_svd(merged, k, oversample, power_iters, generator)
+    # U·S·Vh is the best rank-k approximation within the sketch's range, so
+    # ‖M − U S Vh‖² = ‖M‖² − Σσ²: no second pass over the dense matrix — unless the error is
+    # so small that the subtraction loses it to rounding; then measure it directly.
+    residual = max(total_sq - float((svd.S.double() ** 2).sum()), 0.0)
+    if residual < 1e-6 * total_sq:
+        up, down = svd.factors()
+        residual = float(((merged - up @ down).double() ** 2).sum())
+    ctx.stats["refactor_error"] = (residual / total_sq) ** 0.5
+    return svd.factors()
 
 
-def _target_rank(ctx: ModuleContext, default: int) -> int:
-    return ctx.rank if ctx.rank is not None else default
-
-
-def _energy_rank(S: torch.Tensor, ctx: ModuleContext) -> int:
-    return linalg.rank_for_energy(S, ctx.energy)
-
-
-def _energy_sketch(M, energy, k, oversample, power_iters, generator):
+def _energy_sketch(M, energy, k, oversample, power_iters, generator, total_sq):
     """Randomized SVD wide enough that its top singular values hold ``energy`` of ‖M‖_F²."""
-    total = float((M.double() ** 2).sum())
     width = max(k, 1)
     while True:
         svd = linalg.randomized_svd(M, width, oversample, power_iters, generator)
-        kept = torch.cumsum(svd.S.double() ** 2, 0) / total
+        kept = torch.cumsum(svd.S.double() ** 2, 0) / total_sq
         hit = (kept >= energy - 1e-12).nonzero()
         if hit.numel() or width >= min(M.shape):
             return svd.truncate(int(hit[0]) + 1 if hit.numel() else svd.S.numel())

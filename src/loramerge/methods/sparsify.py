@@ -3,7 +3,8 @@ on the dense delta (see :mod:`.spaces`).
 
 Conventions (the papers' formulas; where implementations differ, which one we follow):
 - trim: keep the top k = int(density·numel) entries of |τᵢ| per module (PEFT, mergekit; the
-  TIES/KnOTS reference code keeps int(d·K)+1 and trims over the whole model at once).
+  TIES/KnOTS reference code keeps int(d·K)+1 and trims over the whole model at once). The
+  k-th magnitude is found by linear-time selection; entries tied with it are all kept.
 - sign election: γ = sign(Σᵢ τ̃ᵢ) ("total", the mass of the weighted deltas) or
   sign(Σᵢ sign τ̃ᵢ) ("frequency"); ties go to +. PEFT elects on the unweighted deltas, which
   is the same thing when the weights are equal.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from . import ModuleContext, Param, Term, register
-from .spaces import SPACE_PARAMS, merge_in_space
+from .spaces import SPACE_PARAMS, Rule, kth_largest, merge_in_space
 
 DENSITY = Param("density", float, 0.5, "fraction of entries each task keeps", low=0.0, high=1.0)
 LAMBDA = Param("lambda", float, 1.0, "scale of the merged delta")
@@ -32,19 +33,18 @@ MAJORITY = Param("majority", str, "total", "sign election: total (mass) or frequ
 
 
 # --------------------------------------------------------------------------------------------
-# rules on a stack of task matrices τ (T × p × q)
+# building blocks on a block of task matrices τ (T × rows × q)
 
 
-def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep each task's top int(density·numel) entries by magnitude."""
-    flat = tau.reshape(tau.shape[0], -1)
-    k = int(density * flat.shape[1])
-    if k >= flat.shape[1]:
-        return tau.clone()
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    if k > 0:
-        mask.scatter_(1, flat.abs().topk(k, dim=1).indices, True)
-    return (flat * mask).reshape(tau.shape)
+def magnitude_threshold(density: float):
+    """Per-task statistic: the magnitude of the top int(density·N)-th entry."""
+    return lambda abs_values: kth_largest(abs_values, int(density * abs_values.numel()))
+
+
+def trim(tau: torch.Tensor, thresholds: list[float]) -> torch.Tensor:
+    """Keep each task's entries at or above its threshold."""
+    limits = torch.tensor(thresholds, dtype=tau.dtype).reshape(-1, *([1] * (tau.dim() - 1)))
+    return tau * (tau.abs() >= limits)
 
 
 def elect_sign(tau: torch.Tensor, majority: str = "total") -> torch.Tensor:
@@ -53,92 +53,108 @@ def elect_sign(tau: torch.Tensor, majority: str = "total") -> torch.Tensor:
 
 
 def disjoint_mean(tau: torch.Tensor, sign: torch.Tensor) -> torch.Tensor:
-    agree = tau.sign() == sign  # zeros never agree
-    count = agree.sum(0).clamp_min(1)
-    return (tau * agree).sum(0) / count
+    """Σ of the entries agreeing with the elected sign / their count (zeros never agree)."""
+    aligned = tau * sign
+    count = (aligned > 0).sum(0, dtype=tau.dtype).clamp_min(1)
+    return sign * aligned.clamp_min(0).sum(0) / count
 
 
-def dare(tau: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
-    """Bernoulli(density) keep-mask per entry, kept entries rescaled by 1/density."""
+def ties_merge(tau: torch.Tensor, majority: str) -> torch.Tensor:
+    return disjoint_mean(tau, elect_sign(tau, majority))
+
+
+def dare(tau: torch.Tensor, density: float, draws: torch.Tensor) -> torch.Tensor:
+    """Keep an entry when its uniform draw is below density; rescale kept entries by 1/density."""
     if density >= 1.0:
-        return tau.clone()
+        return tau
     if density <= 0.0:
         return torch.zeros_like(tau)
-    mask = torch.rand(tau.shape, generator=generator) < density
-    return tau * mask.to(tau.dtype) / density
+    return tau * (draws < density).to(tau.dtype) / density
 
 
 def della_keep_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """p = (d − ε) + 2ε·(rank − 1)/(n − 1) per row, rank 1…n by |τ| ascending within the row."""
     n = tau.shape[-1]
-    ranks = tau.abs().argsort(dim=-1).argsort(dim=-1).to(tau.dtype)  # 0…n−1
     if n == 1:
         return torch.full_like(tau, density)
+    ranks = tau.abs().argsort(dim=-1).argsort(dim=-1).to(tau.dtype)  # 0…n−1
     return (density - epsilon) + 2 * epsilon * ranks / (n - 1)
 
 
-def della(tau: torch.Tensor, density: float, epsilon: float, generator: torch.Generator) -> torch.Tensor:
+def della(tau: torch.Tensor, density: float, epsilon: float, draws: torch.Tensor) -> torch.Tensor:
     p = della_keep_probabilities(tau, density, epsilon)
-    keep = torch.rand(tau.shape, generator=generator) < p
-    return torch.where(keep, tau / p, torch.zeros_like(tau))
+    return torch.where(draws < p, tau / p, torch.zeros_like(tau))
 
 
-def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
-    """Per task: drop the int(γ·N) largest |τ| and the smallest, keeping int(density·N)."""
-    flat = tau.reshape(tau.shape[0], -1)
-    n = flat.shape[1]
-    n_top = int(gamma * n)
-    n_keep = min(int(density * n), n - n_top)
-    order = flat.abs().argsort(dim=1, descending=True)
-    mask = torch.zeros_like(flat, dtype=torch.bool)
-    mask.scatter_(1, order[:, n_top:n_top + n_keep], True)
-    return (flat * mask).reshape(tau.shape)
+def breadcrumb_thresholds(density: float, gamma: float):
+    """Per task: (hi, lo) so that lo ≤ |τ| < hi keeps int(density·N) entries below the int(γ·N) largest."""
+    def stats(abs_values):
+        n = abs_values.numel()
+        n_top = int(gamma * n)
+        n_keep = min(int(density * n), n - n_top)
+        hi = kth_largest(abs_values, n_top) if n_top else float("inf")
+        lo = kth_largest(abs_values, n_top + n_keep) if n_keep else float("inf")
+        return hi, lo
+
+    return stats
+
+
+def breadcrumbs_mask(tau: torch.Tensor, stats: list[tuple[float, float]]) -> torch.Tensor:
+    shape = (-1, *([1] * (tau.dim() - 1)))
+    hi = torch.tensor([s[0] for s in stats], dtype=tau.dtype).reshape(shape)
+    lo = torch.tensor([s[1] for s in stats], dtype=tau.dtype).reshape(shape)
+    magnitude = tau.abs()
+    return tau * ((magnitude < hi) & (magnitude >= lo))
 
 
 # --------------------------------------------------------------------------------------------
 # registered methods
 
 
-def _spaced(terms: list[Term], ctx: ModuleContext, rule, params: dict):
+def _spaced(terms: list[Term], ctx: ModuleContext, rule: Rule, params: dict):
     return merge_in_space(terms, ctx, rule, params["space"], params["oversample"], params["power_iters"])
 
 
 @register("task_arithmetic", "λ·Σ wᵢΔWᵢ computed in the chosen space (in core space it equals `linear`)",
           params=(LAMBDA, *SPACE_PARAMS), uses_rank=True)
 def task_arithmetic(terms, ctx, **p):
-    return _spaced(terms, ctx, lambda tau, gen: p["lambda"] * tau.sum(0), p)
+    return _spaced(terms, ctx, Rule(lambda tau, stats, draws: p["lambda"] * tau.sum(0)), p)
 
 
 @register("ties", "TIES (Yadav et al. 2023): trim, elect sign, disjoint mean, × lambda",
           params=(DENSITY, MAJORITY, LAMBDA, *SPACE_PARAMS), uses_rank=True)
 def ties(terms, ctx, **p):
-    def rule(tau, gen):
-        trimmed = trim(tau, p["density"])
-        return p["lambda"] * disjoint_mean(trimmed, elect_sign(trimmed, p["majority"]))
+    def apply(tau, stats, draws):
+        return p["lambda"] * ties_merge(trim(tau, stats), p["majority"])
 
-    return _spaced(terms, ctx, rule, p)
+    return _spaced(terms, ctx, Rule(apply, magnitude_threshold(p["density"])), p)
 
 
 @register("dare_linear", "DARE (Yu et al. 2024): random drop with 1/density rescale, then sum",
           params=(DENSITY, LAMBDA, *SPACE_PARAMS), uses_rank=True)
 def dare_linear(terms, ctx, **p):
-    return _spaced(terms, ctx, lambda tau, gen: p["lambda"] * dare(tau, p["density"], gen).sum(0), p)
+    def apply(tau, stats, draws):
+        return p["lambda"] * dare(tau, p["density"], draws).sum(0)
+
+    return _spaced(terms, ctx, Rule(apply, random=True), p)
 
 
 @register("dare_ties", "DARE drop and rescale, then TIES sign election and disjoint mean",
           params=(DENSITY, MAJORITY, LAMBDA, *SPACE_PARAMS), uses_rank=True)
 def dare_ties(terms, ctx, **p):
-    def rule(tau, gen):
-        dropped = dare(tau, p["density"], gen)
-        return p["lambda"] * disjoint_mean(dropped, elect_sign(dropped, p["majority"]))
+    def apply(tau, stats, draws):
+        return p["lambda"] * ties_merge(dare(tau, p["density"], draws), p["majority"])
 
-    return _spaced(terms, ctx, rule, p)
+    return _spaced(terms, ctx, Rule(apply, random=True), p)
 
 
 @register("magnitude_prune", "keep each task's top-density entries by magnitude, then sum",
           params=(DENSITY, LAMBDA, *SPACE_PARAMS), uses_rank=True)
 def magnitude_prune(terms, ctx, **p):
-    return _spaced(terms, ctx, lambda tau, gen: p["lambda"] * trim(tau, p["density"]).sum(0), p)
+    def apply(tau, stats, draws):
+        return p["lambda"] * trim(tau, stats).sum(0)
+
+    return _spaced(terms, ctx, Rule(apply, magnitude_threshold(p["density"])), p)
 
 
 @register("breadcrumbs", "Model Breadcrumbs (Davari & Belilovsky 2024): drop the largest gamma and the smallest, sum",
@@ -146,7 +162,10 @@ def magnitude_prune(terms, ctx, **p):
                   Param("gamma", float, 0.01, "fraction of largest-magnitude entries dropped", low=0.0, high=1.0),
                   LAMBDA, *SPACE_PARAMS), uses_rank=True)
 def breadcrumbs(terms, ctx, **p):
-    return _spaced(terms, ctx, lambda tau, gen: p["lambda"] * breadcrumbs_mask(tau, p["density"], p["gamma"]).sum(0), p)
+    def apply(tau, stats, draws):
+        return p["lambda"] * breadcrumbs_mask(tau, stats).sum(0)
+
+    return _spaced(terms, ctx, Rule(apply, breadcrumb_thresholds(p["density"], p["gamma"])), p)
 
 
 def _check_della(p: dict) -> None:
@@ -160,8 +179,7 @@ def _check_della(p: dict) -> None:
           params=(DENSITY, Param("epsilon", float, 0.15, "half-width of the keep-probability window", low=0.0, high=0.5),
                   MAJORITY, LAMBDA, *SPACE_PARAMS), uses_rank=True, check=_check_della)
 def della_ties(terms, ctx, **p):
-    def rule(tau, gen):
-        dropped = della(tau, p["density"], p["epsilon"], gen)
-        return p["lambda"] * disjoint_mean(dropped, elect_sign(dropped, p["majority"]))
+    def apply(tau, stats, draws):
+        return p["lambda"] * ties_merge(della(tau, p["density"], p["epsilon"], draws), p["majority"])
 
-    return _spaced(terms, ctx, rule, p)
+    return _spaced(terms, ctx, Rule(apply, random=True), p)

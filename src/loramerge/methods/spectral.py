@@ -22,7 +22,8 @@ import torch
 
 from .. import linalg
 from . import ModuleContext, Param, Term, register
-from .sparsify import DENSITY, LAMBDA, MAJORITY, dare, disjoint_mean, elect_sign
+from .sparsify import DENSITY, LAMBDA, MAJORITY, dare, magnitude_threshold, ties_merge, trim
+from .spaces import task_seed
 
 
 def _task_factors(terms: list[Term], ctx: ModuleContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -72,12 +73,8 @@ def _knots_global_thresholds(modules, params) -> dict[int, float]:
         _, scaled = knots_decomposition(terms, ctx)
         for t, block in zip(terms, scaled):
             magnitudes.setdefault(t.index, []).append(block.abs().reshape(-1).cpu())
-    thresholds = {}
-    for index, parts in magnitudes.items():
-        values = torch.cat(parts)
-        k = int(params["density"] * values.numel())
-        thresholds[index] = float("inf") if k == 0 else float(values.topk(k).values[-1])
-    return thresholds
+    threshold = magnitude_threshold(params["density"])
+    return {index: threshold(torch.cat(parts)) for index, parts in magnitudes.items()}
 
 
 def _knots_prepare(modules, params):
@@ -104,10 +101,12 @@ def knots(terms: list[Term], ctx: ModuleContext, **p):
         merged = tau.sum(0)
     else:
         if p["merge"] == "dare_ties":
-            tau = dare(tau, p["density"], torch.Generator().manual_seed(ctx.seed))
+            generators = [torch.Generator().manual_seed(task_seed(ctx.seed, t.index)) for t in terms]
+            draws = torch.stack([torch.rand(tau.shape[1:], generator=g, dtype=tau.dtype) for g in generators])
+            tau = dare(tau, p["density"], draws)
         else:
             tau = _knots_trim(tau, terms, ctx, p)
-        merged = disjoint_mean(tau, elect_sign(tau, p["majority"]))
+        merged = ties_merge(tau, p["majority"])
     return U * p["lambda"], merged
 
 
@@ -115,11 +114,10 @@ def _knots_trim(tau: torch.Tensor, terms: list[Term], ctx: ModuleContext, p) -> 
     if p["density"] >= 1:
         return tau
     if ctx.shared is None:  # per-layer top-k
-        from .sparsify import trim
-
-        return trim(tau, p["density"])
-    thresholds = torch.tensor([ctx.shared[t.index] for t in terms], dtype=tau.dtype)
-    return tau * (tau.abs() >= thresholds[:, None, None])
+        thresholds = [magnitude_threshold(p["density"])(t.abs().reshape(-1)) for t in tau]
+    else:
+        thresholds = [ctx.shared[t.index] for t in terms]
+    return trim(tau, thresholds)
 
 
 # --------------------------------------------------------------------------------------------
