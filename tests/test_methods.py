@@ -90,8 +90,12 @@ def test_magnitude_prune_and_breadcrumbs_full_space():
 
 
 def _rand(shape, key, seed=0):
-    """The uniform draws a method makes for one module (the seed rule is part of the contract)."""
-    return torch.rand(shape, generator=torch.Generator().manual_seed(_module_seed(seed, key)))
+    """The uniform draws a method makes for one module: per task, from a generator seeded by
+    the module and the task's index (the seed rule is part of the contract)."""
+    from loramerge.methods.spaces import task_seed
+
+    gens = [torch.Generator().manual_seed(task_seed(_module_seed(seed, key), i)) for i in range(shape[0])]
+    return torch.stack([torch.rand(shape[1:], generator=g, dtype=F64) for g in gens])
 
 
 def test_dare_with_the_same_mask():
