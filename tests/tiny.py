@@ -210,12 +210,15 @@ def write_diffusers(path, factors: dict) -> None:
         by_component.setdefault(component, []).append((name, down.shape[0], alpha or down.shape[0]))
     for component, rows in by_component.items():
         r = rows[0][1]
+        # PEFT matches targets as dotted suffixes; without "text_model." they match CLIP in
+        # every transformers version (≥ 5 drops that level)
+        short = lambda n: n.removeprefix("text_model.")  # noqa: E731
         meta.update({
             f"{component}.r": r,
             f"{component}.lora_alpha": rows[0][2],
-            f"{component}.rank_pattern": {n: rk for n, rk, _ in rows if rk != r},
-            f"{component}.alpha_pattern": {n: a for n, _, a in rows if a != rows[0][2]},
-            f"{component}.target_modules": sorted(n for n, _, _ in rows),
+            f"{component}.rank_pattern": {short(n): rk for n, rk, _ in rows if rk != r},
+            f"{component}.alpha_pattern": {short(n): a for n, _, a in rows if a != rows[0][2]},
+            f"{component}.target_modules": sorted(short(n) for n, _, _ in rows),
         })
     save_file(sd, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
 
@@ -246,3 +249,74 @@ def capture_load_warnings():
 def lora_layers(model, adapter: str) -> list[str]:
     """Names of the modules PEFT injected ``adapter`` into."""
     return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and adapter in getattr(m, "lora_A", {})]
+
+
+# --------------------------------------------------------------------------------------------
+# single-file checkpoints in LDM/sgm naming, built from a tiny pipeline (the tests check them
+# against diffusers' own LDM converters before trusting them)
+
+_OPENCLIP_RENAMES = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                     ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj"))
+
+
+def _hf_clip_state(model) -> dict:
+    return {canonical("text_encoder", k): v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _open_clip_state(model, prefix: str) -> dict:
+    sd = _hf_clip_state(model)
+    out = {}
+    layers = sorted({int(k.split(".")[3]) for k in sd if k.startswith("text_model.encoder.layers.")})
+    for i in layers:
+        base = f"text_model.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            out[f"{prefix}transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(
+                [sd.pop(f"{base}self_attn.{x}_proj.{kind}") for x in "qkv"])
+        for k in [k for k in sd if k.startswith(base)]:
+            rest = k[len(base):]
+            for old, new in _OPENCLIP_RENAMES:
+                rest = rest.replace(old, new)
+            out[f"{prefix}transformer.resblocks.{i}.{rest}"] = sd.pop(k)
+    out[prefix + "token_embedding.weight"] = sd.pop("text_model.embeddings.token_embedding.weight")
+    out[prefix + "positional_embedding"] = sd.pop("text_model.embeddings.position_embedding.weight")
+    out[prefix + "ln_final.weight"] = sd.pop("text_model.final_layer_norm.weight")
+    out[prefix + "ln_final.bias"] = sd.pop("text_model.final_layer_norm.bias")
+    out[prefix + "text_projection"] = sd.pop("text_projection.weight").T.contiguous()
+    sd.pop("text_model.embeddings.position_ids", None)
+    assert not sd, sorted(sd)
+    return out
+
+
+def single_file_state(pipe, arch: str) -> dict:
+    """The UNet and text encoders of a tiny SD1/SDXL pipeline as an LDM/sgm single file."""
+    layout = UnetLayout(up_blocks_with_attention=(0, 1) if arch == "sdxl" else (1, 2, 3))
+    out = {}
+    for key, value in pipe.unet.state_dict().items():
+        module, param = key.rsplit(".", 1)
+        out["model.diffusion_model." + diffusers_to_sgm(module, layout) + "." + param] = value.detach().clone()
+    if arch == "sd1":
+        out.update({"cond_stage_model.transformer." + k: v for k, v in _hf_clip_state(pipe.text_encoder).items()})
+    else:
+        out.update({"conditioner.embedders.0.transformer." + k: v for k, v in _hf_clip_state(pipe.text_encoder).items()})
+        out.update(_open_clip_state(pipe.text_encoder_2, "conditioner.embedders.1.model."))
+    return {k: v for k, v in out.items() if not k.endswith("position_ids")}
+
+
+def from_single_file_state(sd: dict, pipe, arch: str) -> dict:
+    """Read a single-file state back with diffusers' own converters: {(component, name): tensor}."""
+    from diffusers.loaders.single_file_utils import (
+        convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint, convert_open_clip_checkpoint,
+    )
+
+    out = {}
+    unet = convert_ldm_unet_checkpoint(dict(sd), dict(pipe.unet.config))
+    out.update({("unet", k): v for k, v in unet.items()})
+    if arch == "sd1":
+        te = convert_ldm_clip_checkpoint(dict(sd), remove_prefix="cond_stage_model.transformer.")
+        out.update({("text_encoder", k): v for k, v in te.items()})
+    else:
+        te = convert_ldm_clip_checkpoint(dict(sd), remove_prefix="conditioner.embedders.0.transformer.")
+        out.update({("text_encoder", k): v for k, v in te.items()})
+        te2 = convert_open_clip_checkpoint(pipe.text_encoder_2, dict(sd), prefix="conditioner.embedders.1.model.")
+        out.update({("text_encoder_2", k): v for k, v in te2.items()})
+    return out

@@ -213,6 +213,88 @@ def convert(
 
 
 @app.command()
+def fuse(
+    base: Path = typer.Option(..., "--base", help="Base model: a .safetensors single file or a diffusers folder."),
+    lora: List[str] = typer.Option([], "--lora", help="LoRA file with an optional weight, A.safetensors:0.7 (repeatable)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output file (single-file base) or new folder (diffusers base)."),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="Merge the LoRAs by a recipe first (method, weights, blocks)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype fp16|bf16|fp32 (default: the base's)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection of the LoRAs."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+):
+    """Fuse LoRAs into a base checkpoint, streamed tensor by tensor (float32 math, one cast)."""
+
+    def body():
+        from .formats.write import resolve_dtype
+        from .fuse import fuse as fuse_into
+        from .merge import load
+        from .recipe import load_recipe
+
+        resolve_dtype(dtype)
+        if recipe is not None:
+            if lora:
+                raise UsageError("give the LoRAs in the recipe or with --lora, not both")
+            plan = load_recipe(recipe)
+            kwargs = plan.merge_kwargs()
+            weights = kwargs.pop("weights")
+            kwargs.pop("device", None)
+            paths = [s.path for s in plan.sources]
+        else:
+            if not lora:
+                raise UsageError("nothing to fuse: give --lora FILE[:WEIGHT] or --recipe")
+            parsed = [parse_source(x) for x in lora]
+            paths, weights, kwargs = [Path(p) for p, _ in parsed], [w for _, w in parsed], {"method": "cat"}
+        check_output(output, [str(base)] + [str(p) for p in paths])
+        loras = [load(p, arch=arch) for p in paths]
+        with make_progress() as progress:
+            task = progress.add_task("fusing", total=None)
+            report = fuse_into(base, loras, output, weights=weights, dtype=dtype,
+                               progress=lambda done, total, key: progress.update(task, completed=done), **kwargs)
+        err.print(f"wrote {report.output}: {report.modules} LoRA modules into {report.tensors_touched} of "
+                  f"{report.tensors_total} tensors ({', '.join(report.components)}), {report.seconds:.1f} s",
+                  highlight=False, soft_wrap=True)
+
+    run_guarded(body, threads)
+
+
+@app.command()
+def extract(
+    base: Path = typer.Option(..., "--base", help="The base model (single file or diffusers folder)."),
+    tuned: Path = typer.Option(..., "--tuned", help="The fine-tuned model, same layout family."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output LoRA .safetensors file."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank of every module."),
+    energy: Optional[float] = typer.Option(None, "--energy", help="Per module, the smallest rank keeping this fraction of ‖Δ‖²."),
+    format: str = typer.Option("kohya", "--format", "-f", help="kohya or diffusers."),
+    dtype: Optional[str] = typer.Option("fp16", "--dtype", help="Output dtype fp16|bf16|fp32."),
+    threshold: float = typer.Option(0.0, "--threshold", help="Skip modules whose ‖Δ‖_F is at most this."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+):
+    """Extract a LoRA from the difference of two checkpoints (randomized SVD per module)."""
+
+    def body():
+        from .extract import extract as extract_lora
+        from .formats.write import FORMATS, resolve_dtype
+
+        if format not in FORMATS:
+            raise UsageError(f"unknown format {format!r}; use kohya or diffusers")
+        resolve_dtype(dtype)
+        check_output(output, [str(base), str(tuned)])
+        with make_progress() as progress:
+            task = progress.add_task("extracting", total=None)
+            lora, report = extract_lora(base, tuned, rank=rank, energy=energy, threshold=threshold,
+                                        progress=lambda d, t, k: progress.update(task, completed=d, total=t))
+        lora.save(output, format=format, dtype=dtype)
+        errors = sorted(report.errors.items(), key=lambda kv: -kv[1])
+        for key, error in errors[:10]:
+            out.print(f"{error:9.3e}  {key}", highlight=False)
+        mean = sum(report.errors.values()) / len(report.errors)
+        err.print(f"wrote {output}: {report.modules} modules ({lora.arch}), {report.skipped_unchanged} unchanged skipped; "
+                  f"relative error max {errors[0][1]:.3e} mean {mean:.3e} (worst 10 above)", highlight=False, soft_wrap=True)
+
+    run_guarded(body, threads)
+
+
+@app.command()
 def analyze(
     files: List[Path] = typer.Argument(..., help="Two or more LoRA files."),
     out_dir: Path = typer.Option(Path("loramerge-analysis"), "--out", help="Folder for analysis.json and the plots."),

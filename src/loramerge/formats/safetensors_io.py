@@ -131,6 +131,8 @@ class SafetensorsFile:
 
         self.path = Path(path)
         self.infos, self.metadata = read_header(self.path)
+        with open(self.path, "rb") as f:
+            self.data_start = 8 + struct.unpack("<Q", f.read(8))[0]
         try:
             self._handle = safe_open(str(self.path), framework="pt", device="cpu")
         except Exception as exc:  # the header passed our checks; anything else is corruption
@@ -147,6 +149,19 @@ class SafetensorsFile:
             return self._handle.get_tensor(name)
         except Exception as exc:
             raise FileFormatError(f"cannot read tensor {name!r}: {exc}", self.path) from None
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor with a plain file read instead of the memory map: pages of a
+        multi-GB checkpoint then never pile up in the process's resident memory."""
+        info = self.infos[name]
+        buffer = bytearray(info.end - info.begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + info.begin)
+            if f.readinto(buffer) != len(buffer):
+                raise FileFormatError(f"truncated file: cannot read tensor {name!r}", self.path)
+        if not buffer:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buffer, dtype=info.dtype).reshape(info.shape)
 
 
 # ---------------------------------------------------------------------------------------------
