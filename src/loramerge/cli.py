@@ -295,6 +295,32 @@ def extract(
 
 
 @app.command()
+def generate(
+    base: Path = typer.Option(..., "--base", help="A local diffusers pipeline folder."),
+    lora: List[str] = typer.Option([], "--lora", help="LoRA file with an optional weight, A.safetensors:0.7 (repeatable)."),
+    prompt: List[str] = typer.Option(..., "--prompt", help="Prompt; one grid row each (repeatable)."),
+    grid: Optional[str] = typer.Option(None, "--grid", help="Columns: weight=0,0.5,1 (scales every LoRA weight) or method=linear,ties,…"),
+    seed: int = typer.Option(0, "--seed"),
+    steps: int = typer.Option(20, "--steps"),
+    guidance: float = typer.Option(5.0, "--guidance"),
+    output: Path = typer.Option(..., "-o", "--output", help="Output PNG."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+):
+    """Images from a local pipeline with LoRAs mixed in: a labelled grid over weights or methods."""
+
+    def body():
+        from .generate import generate_grid, parse_axis
+
+        axis = parse_axis(grid)
+        check_output(output, [p for p, _ in map(parse_source, lora)])
+        path = generate_grid(base, [parse_source(x) for x in lora], prompt, output, axis, seed, steps, guidance)
+        err.print(f"wrote {path}: {len(prompt)} prompt(s) × {len(axis.values)} {axis.name} value(s)",
+                  highlight=False, soft_wrap=True)
+
+    run_guarded(body, threads)
+
+
+@app.command()
 def analyze(
     files: List[Path] = typer.Argument(..., help="Two or more LoRA files."),
     out_dir: Path = typer.Option(Path("loramerge-analysis"), "--out", help="Folder for analysis.json and the plots."),
