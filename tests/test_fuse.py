@@ -192,3 +192,35 @@ def test_fuse_refuses_bad_bases_and_outputs(sd1_world, tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "cannot write" in proc.stderr
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".full", "full"))]
+
+
+def test_fuse_into_a_flux_single_file(tmp_path):
+    """BFL naming: q, k, v (and the single blocks' MLP input) share one fused tensor, and the
+    final modulation stores (shift, scale) where diffusers has (scale, shift)."""
+    pipe = tiny.flux_pipeline()
+    t = pipe.transformer
+    w = lambda name: t.get_submodule(name).weight.detach().clone()  # noqa: E731
+    swap = lambda x: torch.cat(list(reversed(x.chunk(2, 0))))  # noqa: E731
+    double_qkv = [f"transformer_blocks.0.attn.to_{x}" for x in "qkv"]
+    single = [f"single_transformer_blocks.1.attn.to_{x}" for x in "qkv"] + ["single_transformer_blocks.1.proj_mlp"]
+    base = {
+        "double_blocks.0.img_attn.qkv.weight": torch.cat([w(n) for n in double_qkv]),
+        "double_blocks.0.txt_attn.proj.weight": w("transformer_blocks.0.attn.to_add_out"),
+        "single_blocks.1.linear1.weight": torch.cat([w(n) for n in single]),
+        "final_layer.adaLN_modulation.1.weight": swap(w("norm_out.linear")),
+    }
+    save_file(base, str(tmp_path / "flux.safetensors"))
+    names = double_qkv + single + ["transformer_blocks.0.attn.to_add_out", "norm_out.linear"]
+    factors = tiny.random_factors({("transformer", n): t.get_submodule(n) for n in names}, rank=3, alpha=1.5, seed=9)
+    tiny.write_diffusers(tmp_path / "l.safetensors", factors)
+    fuse(tmp_path / "flux.safetensors", [tmp_path / "l.safetensors"], tmp_path / "out.safetensors", weights=[0.6])
+    out = load_file(str(tmp_path / "out.safetensors"))
+    new = {n: w(n) + 0.6 * tiny.delta_of(*factors[("transformer", n)], w(n).shape) for n in names}
+    expected = {
+        "double_blocks.0.img_attn.qkv.weight": torch.cat([new[n] for n in double_qkv]),
+        "double_blocks.0.txt_attn.proj.weight": new["transformer_blocks.0.attn.to_add_out"],
+        "single_blocks.1.linear1.weight": torch.cat([new[n] for n in single]),
+        "final_layer.adaLN_modulation.1.weight": swap(new["norm_out.linear"]),
+    }
+    for key, value in expected.items():
+        assert torch.allclose(out[key], value, atol=1e-6), key
