@@ -37,3 +37,22 @@ def one_per_shape(targets: dict):
         by_shape.setdefault(tuple(shape), name)
         counts[tuple(shape)] += 1
     return by_shape, counts
+
+
+def peft_pair(la, lb, name: str):
+    """A one-layer PEFT model holding module ``name`` of two LoRAs as adapters "first" and
+    "second" (their exact factors); returns (model, the LoRA layer)."""
+    from peft import LoraConfig, get_peft_model
+
+    ma, mb = la[f"unet.{name}"], lb[f"unet.{name}"]
+    model = torch.nn.Sequential()
+    model.add_module("target", torch.nn.Linear(ma.in_features, ma.out_features, bias=False))
+    model = get_peft_model(model, LoraConfig(r=ma.rank, lora_alpha=ma.alpha, target_modules=["target"]),
+                           adapter_name="first")
+    model.add_adapter("second", LoraConfig(r=mb.rank, lora_alpha=mb.alpha, target_modules=["target"]))
+    layer = model.base_model.model.target
+    for adapter, module in (("first", ma), ("second", mb)):
+        up, down = module.factors()
+        layer.lora_A[adapter].weight.data.copy_(down)
+        layer.lora_B[adapter].weight.data.copy_(up)
+    return model, layer

@@ -33,18 +33,7 @@ def run(a, b, out: Path, method: str, **kw) -> tuple[float, dict]:
 
 
 def peft_ties_svd(la, lb, name: str) -> float:
-    from peft import LoraConfig, get_peft_model
-
-    ma, mb = la[f"unet.{name}"], lb[f"unet.{name}"]
-    model = torch.nn.Sequential()
-    model.add_module("t", torch.nn.Linear(ma.in_features, ma.out_features, bias=False))
-    model = get_peft_model(model, LoraConfig(r=ma.rank, lora_alpha=ma.alpha, target_modules=["t"]), adapter_name="first")
-    model.add_adapter("second", LoraConfig(r=mb.rank, lora_alpha=mb.alpha, target_modules=["t"]))
-    layer = model.base_model.model.t
-    for adapter, module in (("first", ma), ("second", mb)):
-        up, down = module.factors()
-        layer.lora_A[adapter].weight.data.copy_(down)
-        layer.lora_B[adapter].weight.data.copy_(up)
+    model, _ = common.peft_pair(la, lb, name)
     start = time.perf_counter()
     model.add_weighted_adapter(["first", "second"], WEIGHTS, "m", combination_type="ties_svd", density=0.5,
                                svd_rank=32, svd_full_matrices=False)

@@ -41,24 +41,12 @@ def time_loramerge(a: Path, b: Path, out: Path, *extra: str) -> float:
 
 def time_peft(la, lb, name: str, full_matrices: bool) -> tuple[float, torch.Tensor]:
     """PEFT's svd merge of one module: (seconds, merged ΔW)."""
-    from peft import LoraConfig, get_peft_model
-
-    ma, mb = la[f"unet.{name}"], lb[f"unet.{name}"]
-    layer = torch.nn.Linear(ma.in_features, ma.out_features, bias=False)
-    model = torch.nn.Sequential()
-    model.add_module("target", layer)
-    model = get_peft_model(model, LoraConfig(r=ma.rank, lora_alpha=ma.alpha, target_modules=["target"]), adapter_name="first")
-    model.add_adapter("second", LoraConfig(r=mb.rank, lora_alpha=mb.alpha, target_modules=["target"]))
-    peft_layer = model.base_model.model.target
-    for adapter, module in (("first", ma), ("second", mb)):
-        up, down = module.factors()
-        peft_layer.lora_A[adapter].weight.data.copy_(down)
-        peft_layer.lora_B[adapter].weight.data.copy_(up)
+    model, layer = common.peft_pair(la, lb, name)
     start = time.perf_counter()
     model.add_weighted_adapter(["first", "second"], list(WEIGHTS), "merged", combination_type="svd",
                                svd_rank=RANK, svd_full_matrices=full_matrices)
     seconds = time.perf_counter() - start
-    return seconds, peft_layer.get_delta_weight("merged").detach().double()
+    return seconds, layer.get_delta_weight("merged").detach().double()
 
 
 def dense_reference(la, lb, name: str) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from . import linalg
 from .errors import ArchitectureMismatchError, LoraMergeError, UsageError
-from .formats.checkpoint import Checkpoint, Placement
+from .formats.checkpoint import Checkpoint, Placement, to_module_layout
 from .lora import LoRA, LoraModule
 
 
@@ -30,14 +30,10 @@ class ExtractReport:
 
 
 def _slice(tensor: torch.Tensor, placement: Placement) -> torch.Tensor:
+    """The part of a stored tensor that is one module's weight, in the module's layout."""
     if placement.rows:
         tensor = tensor[placement.rows[0]:placement.rows[1]]
-    if placement.transpose:
-        tensor = tensor.reshape(tensor.shape[0], -1).T
-    if placement.swap_halves:
-        first, second = tensor.chunk(2, dim=0)
-        tensor = torch.cat([second, first], dim=0)
-    return tensor
+    return to_module_layout(tensor, placement)
 
 
 def extract(
@@ -107,7 +103,7 @@ def _factorise(component, name, delta, rank, energy, oversample, power_iters, se
     generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
     full = min(flat.shape)
     if energy is not None:
-        svd = _svd_for_energy(flat, energy, oversample, power_iters, generator)
+        svd = linalg.randomized_svd_for_energy(flat, energy, min(32, full), oversample, power_iters, generator)
     else:
         svd = linalg.randomized_svd(flat, min(rank, full), oversample, power_iters, generator)
     up, down = svd.factors()
@@ -116,15 +112,3 @@ def _factorise(component, name, delta, rank, energy, oversample, power_iters, se
     report.errors[key] = error
     report.modules += 1
     return LoraModule.from_factors(component, name, up, down, shape, dtype=torch.float32)
-
-
-def _svd_for_energy(flat, energy, oversample, power_iters, generator):
-    total = float((flat.double() ** 2).sum())
-    width = min(32, min(flat.shape))
-    while True:
-        svd = linalg.randomized_svd(flat, width, oversample, power_iters, generator)
-        kept = torch.cumsum(svd.S.double() ** 2, 0) / total
-        hit = (kept >= energy - 1e-12).nonzero()
-        if hit.numel() or width >= min(flat.shape):
-            return svd.truncate(int(hit[0]) + 1 if hit.numel() else svd.S.numel())
-        width = min(2 * width, min(flat.shape))

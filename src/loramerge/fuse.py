@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import LoraMergeError, OutputPathError, ShapeMismatchError
-from .formats.checkpoint import Checkpoint, Placement
+from .formats.checkpoint import Checkpoint, Placement, to_module_layout
 from .formats.safetensors_io import StreamingWriter, TensorSpec
 from .formats.write import resolve_dtype
 from .lora import LoRA, LoraModule
@@ -41,13 +41,7 @@ class FuseReport:
 
 def placed_delta(module: LoraModule, placement: Placement) -> torch.Tensor:
     """The module's ΔW (float32) laid out as the checkpoint stores that weight."""
-    delta = module.delta(torch.float32)
-    if placement.transpose:
-        delta = delta.reshape(delta.shape[0], -1).T
-    if placement.swap_halves:
-        first, second = delta.chunk(2, dim=0)
-        delta = torch.cat([second, first], dim=0)
-    return delta
+    return to_module_layout(module.delta(torch.float32), placement)
 
 
 def plan_fusion(ckpt: Checkpoint, merged: LoRA) -> dict[tuple[str, str], list[tuple[LoraModule, Placement]]]:

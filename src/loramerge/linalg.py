@@ -91,3 +91,20 @@ def randomized_svd(M: torch.Tensor, k: int, oversample: int = 10, power_iters: i
     Ub, S, Vh = torch.linalg.svd(small.double(), full_matrices=False)
     U = Q @ Ub.to(M.dtype)
     return LowRankSVD(U, S.to(M.dtype), Vh.to(M.dtype)).truncate(min(k, width))
+
+
+def randomized_svd_for_energy(M: torch.Tensor, energy: float, start_width: int, oversample: int = 10,
+                              power_iters: int = 2, generator: torch.Generator | None = None,
+                              total_sq: float | None = None) -> LowRankSVD:
+    """Randomized SVD just wide enough that its top singular values hold ``energy`` of ‖M‖_F²:
+    the sketch doubles until they do (or covers the whole matrix)."""
+    if total_sq is None:
+        total_sq = float(torch.sum(M * M, dtype=torch.float64))
+    width = max(start_width, 1)
+    while True:
+        svd = randomized_svd(M, width, oversample, power_iters, generator)
+        kept = torch.cumsum(svd.S.double() ** 2, 0) / total_sq
+        hit = (kept >= energy - 1e-12).nonzero()
+        if hit.numel() or width >= min(M.shape):
+            return svd.truncate(int(hit[0]) + 1 if hit.numel() else svd.S.numel())
+        width = min(2 * width, min(M.shape))

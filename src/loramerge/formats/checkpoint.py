@@ -12,7 +12,6 @@ A :class:`Placement` names the file, the tensor, and the rows of that tensor a m
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,5 +283,14 @@ class Checkpoint:
             yield component, base + suffix, Placement("", key)
 
 
-def numel(shape) -> int:
-    return math.prod(shape)
+def to_module_layout(tensor, placement: Placement):
+    """Between a module's layout and the checkpoint's, both ways: transposing and swapping the
+    two halves of the rows are their own inverses."""
+    import torch
+
+    if placement.transpose:
+        tensor = tensor.reshape(tensor.shape[0], -1).T
+    if placement.swap_halves:
+        first, second = tensor.chunk(2, dim=0)
+        tensor = torch.cat([second, first], dim=0)
+    return tensor

@@ -160,7 +160,7 @@ def refactorise(merged: torch.Tensor, ctx: ModuleContext, default: int, oversamp
     k = ctx.rank if ctx.rank is not None else default
     generator = torch.Generator().manual_seed(ctx.seed ^ 0x5EED)
     if ctx.energy is not None:
-        svd = _energy_sketch(merged, ctx.energy, k, oversample, power_iters, generator, total_sq)
+        svd = linalg.randomized_svd_for_energy(merged, ctx.energy, k, oversample, power_iters, generator, total_sq)
     else:
         svd = linalg.randomized_svd(merged, k, oversample, power_iters, generator)
     # U·S·Vh is the best rank-k approximation within the sketch's range, so
@@ -172,15 +172,3 @@ def refactorise(merged: torch.Tensor, ctx: ModuleContext, default: int, oversamp
         residual = float(((merged - up @ down).double() ** 2).sum())
     ctx.stats["refactor_error"] = (residual / total_sq) ** 0.5
     return svd.factors()
-
-
-def _energy_sketch(M, energy, k, oversample, power_iters, generator, total_sq):
-    """Randomized SVD wide enough that its top singular values hold ``energy`` of ‖M‖_F²."""
-    width = max(k, 1)
-    while True:
-        svd = linalg.randomized_svd(M, width, oversample, power_iters, generator)
-        kept = torch.cumsum(svd.S.double() ** 2, 0) / total_sq
-        hit = (kept >= energy - 1e-12).nonzero()
-        if hit.numel() or width >= min(M.shape):
-            return svd.truncate(int(hit[0]) + 1 if hit.numel() else svd.S.numel())
-        width = min(2 * width, min(M.shape))
