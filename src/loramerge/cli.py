@@ -357,26 +357,25 @@ def analyze(
 @app.command()
 def demo(
     out_dir: Path = typer.Option(Path("loramerge-demo"), "--out", help="Folder to write into."),
+    styles: str = typer.Option("bold,slanted", "--styles", help="Two bundled style LoRAs to merge."),
+    samples: int = typer.Option(3, "--samples", help="Samples per digit for each mix."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
 ):
-    """Merge the two bundled example LoRAs and print the merged file's summary."""
+    """Merge two bundled style LoRAs of the tiny digit world with several methods, fuse and
+    live-mix them, score every mix and write loramerge-demo/index.html."""
 
     def body():
-        from importlib import resources
+        from .demo import run_demo
 
-        from . import report
-        from .merge import load, merge as merge_loras
-
-        examples = resources.files("loramerge") / "examples"
-        style, subject = load(examples / "style.safetensors"), load(examples / "subject.safetensors")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        target = out_dir / "merged.safetensors"
-        result = merge_loras([style, subject], [0.7, 0.8], method="svd", rank=8)
-        result.save(target, format="kohya")
-        err.print(f"merged {style.format} 'style' × 0.7 + {subject.format} 'subject' × 0.8 → {target} (svd, rank 8)",
+        chosen = tuple(s.strip() for s in styles.split(",") if s.strip())
+        if len(chosen) != 2:
+            raise UsageError("--styles takes two style names, e.g. bold,slanted")
+        err.print(f"tiny digit world: merging {' + '.join(chosen)} …", highlight=False)
+        page = run_demo(out_dir, chosen, samples, log=lambda line: out.print(line, highlight=False, soft_wrap=True))
+        out.print(f"wrote {page} (open it in a browser) and the merged LoRAs, grids and a fused pipeline beside it",
                   highlight=False, soft_wrap=True)
-        out.print(report.format_summary(report.summarize(load(target))), highlight=False, soft_wrap=True)
 
-    run_guarded(body)
+    run_guarded(body, threads)
 
 
 @app.command()
