@@ -4,6 +4,7 @@ load_lora_weights + set_adapters + fuse_lora; extracting LoRAs from two checkpoi
 import json
 import os
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,3 +225,27 @@ def test_fuse_into_a_flux_single_file(tmp_path):
     }
     for key, value in expected.items():
         assert torch.allclose(out[key], value, atol=1e-6), key
+
+
+def test_fuse_sharded_folder_with_dtype_change(sd1_world, tmp_path):
+    """A diffusers folder whose UNet is sharded: every shard streamed, the index kept (its
+    total size updated for the new dtype), and diffusers loads the result."""
+    arch, folder, pipe, mods = sd1_world
+    sharded = tmp_path / "sharded"
+    shutil.copytree(folder / "pipe", sharded)
+    shutil.rmtree(sharded / "unet")
+    pipe.unet.save_pretrained(sharded / "unet", max_shard_size="300KB", safe_serialization=True)
+    assert len(list((sharded / "unet").glob("*.safetensors"))) > 1
+    fuse(sharded, [folder / "a.safetensors", folder / "b.safetensors"], tmp_path / "out", weights=WEIGHTS, dtype="bf16")
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet", local_files_only=True)
+    assert unet.dtype == torch.bfloat16
+    reference = diffusers_fused(arch, folder, mods)
+    name = "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_v"
+    ours = unet.get_submodule(name).weight.float()
+    theirs = reference.unet.get_submodule(name).weight.detach()
+    assert torch.allclose(ours, theirs, rtol=2 ** -8, atol=0)  # the fp32 result, rounded once to bf16
+    index = json.loads(next((tmp_path / "out" / "unet").glob("*.index.json")).read_text())
+    total = sum(f.stat().st_size for f in (tmp_path / "out" / "unet").glob("*.safetensors"))
+    assert 0 < index["metadata"]["total_size"] < total

@@ -132,7 +132,10 @@ def _core(terms, ctx, rule):
 def _full(terms, ctx, rule, oversample, power_iters):
     # One module's task deltas, dense (T×m×n: the largest SDXL module with two tasks is
     # ~100 MB); the entry-wise rule then runs a block of rows at a time, in cache.
-    tau = torch.stack([up @ down for up, down in (t.folded_factors(ctx) for t in terms)])
+    pairs = [t.folded_factors(ctx) for t in terms]
+    tau = torch.empty(len(pairs), pairs[0][0].shape[0], pairs[0][1].shape[1], dtype=ctx.dtype)
+    for i, (up, down) in enumerate(pairs):
+        torch.mm(up, down, out=tau[i])
     stats = [rule.task_stats(t.abs().reshape(-1)) for t in tau] if rule.task_stats else [None] * len(terms)
     generators = _generators(terms, ctx) if rule.random else None
     m, n = tau.shape[1:]
@@ -144,20 +147,22 @@ def _full(terms, ctx, rule, oversample, power_iters):
         draws = _draws(generators, block.shape[1:], block.dtype) if rule.random else None
         out = merged[start:start + rows]
         out.copy_(rule.apply(block, stats, draws))
-        total_sq += float(torch.sum(out * out, dtype=torch.float64))
+        flat = out.reshape(-1)
+        total_sq += float(torch.dot(flat, flat))
     del tau
-    return refactorise(merged, ctx, default_rank(terms), oversample, power_iters, total_sq)
+    return refactorise(merged, ctx, ctx.rank if ctx.rank is not None else default_rank(terms),
+                       oversample, power_iters, total_sq)
 
 
-def refactorise(merged: torch.Tensor, ctx: ModuleContext, default: int, oversample: int, power_iters: int,
+def refactorise(merged: torch.Tensor, ctx: ModuleContext, k: int, oversample: int, power_iters: int,
                 total_sq: float | None = None):
-    """Randomized SVD of a dense merged delta to --rank (or --energy); records the error."""
+    """Randomized SVD of a dense merged delta to rank k (or --energy); records the error."""
     if total_sq is None:
-        total_sq = float(torch.sum(merged * merged, dtype=torch.float64))
+        flat = merged.reshape(-1)
+        total_sq = float(torch.dot(flat, flat))
     if total_sq == 0.0:
         ctx.stats["refactor_error"] = 0.0
         return torch.zeros(merged.shape[0], 1, dtype=merged.dtype), torch.zeros(1, merged.shape[1], dtype=merged.dtype)
-    k = ctx.rank if ctx.rank is not None else default
     generator = torch.Generator().manual_seed(ctx.seed ^ 0x5EED)
     if ctx.energy is not None:
         svd = linalg.randomized_svd_for_energy(merged, ctx.energy, k, oversample, power_iters, generator, total_sq)
