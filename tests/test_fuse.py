@@ -239,8 +239,11 @@ def test_fuse_sharded_folder_with_dtype_change(sd1_world, tmp_path):
     fuse(sharded, [folder / "a.safetensors", folder / "b.safetensors"], tmp_path / "out", weights=WEIGHTS, dtype="bf16")
     from diffusers import UNet2DConditionModel
 
-    unet = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet", local_files_only=True)
-    assert unet.dtype == torch.bfloat16
+    shards = sorted((tmp_path / "out" / "unet").glob("*.safetensors"))
+    for shard in shards:
+        assert {load_file(str(shard))[k].dtype for k in load_file(str(shard))} == {torch.bfloat16}
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "out" / "unet", local_files_only=True,
+                                                torch_dtype=torch.bfloat16)
     reference = diffusers_fused(arch, folder, mods)
     name = "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_v"
     ours = unet.get_submodule(name).weight.float()
