@@ -50,7 +50,7 @@ def test_fused_weights_match_diffusers(files):
     assert mix.memory_cost() == sum(t.numel() * 4 for t in mix._original.values()) > 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_restore_is_bitwise_after_1000_switches(files, dtype):
     folder, _ = files
     pipe = tiny.sd15_pipeline()

@@ -144,7 +144,9 @@ class LiveMix:
                 if not any(coefficients):
                     param.data.copy_(original)
                 else:
-                    weight = original.to(param.device, torch.float32)
+                    # copy=True: for a float32 CPU model .to() would return the stored original
+                    # itself, and the in-place add below would corrupt it
+                    weight = original.to(param.device, torch.float32, copy=True)
                     delta = sum(c * (up @ down) for c, (_, _, up, down) in zip(coefficients, target.terms) if c)
                     weight += delta.reshape(weight.shape)
                     param.data.copy_(weight.to(param.dtype))  # the one cast
