@@ -1,12 +1,13 @@
 """Style LoRAs: trained with PEFT on styled digits, saved in kohya's format like real downloads.
 
 kohya (sd-scripts) names an SD-1 LoRA module ``lora_unet_<diffusers module path, "." -> "_">``
-or ``lora_te_<text encoder module path>``; each has ``lora_down.weight`` (PEFT's lora_A),
+or ``lora_te_text_model_<text encoder module path>``; each has ``lora_down.weight`` (PEFT's lora_A),
 ``lora_up.weight`` (lora_B) and a 0-dim ``alpha``, so that dW = alpha / rank * up @ down.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -23,7 +24,7 @@ TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 # the targeted module sets, as they do among LoRAs found in the wild
 SPECS = {
     "bold": dict(rank=4, alpha=4.0, unet=UNET_ATTN),
-    "slanted": dict(rank=8, alpha=16.0, unet=UNET_ATTN + UNET_PROJ),
+    "slanted": dict(rank=8, alpha=16.0, unet=UNET_ATTN + UNET_PROJ + UNET_FF),
     "shifted": dict(rank=8, alpha=4.0, unet=UNET_ATTN + UNET_FF),
     "small": dict(rank=16, alpha=8.0, unet=UNET_ATTN + UNET_PROJ + UNET_FF),
 }
@@ -31,11 +32,13 @@ SPECS = {
 
 def add_adapters(pipe, style: str) -> list[torch.nn.Parameter]:
     """Attach fresh PEFT LoRA adapters to the UNet and the text encoder; return their parameters."""
-    from peft import LoraConfig
+    from peft import LoraConfig, inject_adapter_in_model
 
     spec = SPECS[style]
     pipe.unet.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=spec["unet"]))
-    pipe.text_encoder.add_adapter(LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=TEXT_ATTN))
+    # PEFT directly (as diffusers' loader does): transformers' add_adapter wants a newer PEFT
+    inject_adapter_in_model(LoraConfig(r=spec["rank"], lora_alpha=spec["alpha"], target_modules=TEXT_ATTN),
+                            pipe.text_encoder, adapter_name="default")
     for module in (pipe.unet, pipe.text_encoder, pipe.vae):
         for name, p in module.named_parameters():
             p.requires_grad_("lora_" in name)
@@ -55,9 +58,7 @@ def train_lora(pipe, style: str, steps: int, seed: int = 0, batch: int = 64, lr:
     params = add_adapters(pipe, style)
     scheduler = make_train_scheduler()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    ema = EMA([], 0.99)
-    ema.params = params
-    ema.shadow = [p.detach().clone() for p in params]
+    ema = EMA(params, 0.99)
     gen = torch.Generator().manual_seed(seed)
     pipe.unet.train()
     pipe.text_encoder.train()
@@ -80,20 +81,28 @@ def train_lora(pipe, style: str, steps: int, seed: int = 0, batch: int = 64, lr:
     return pipe
 
 
+def kohya_name(prefix: str, module: str) -> str:
+    """"lora_unet_" or "lora_te_" + module path with dots as underscores."""
+    if prefix == "lora_te_" and not module.startswith("text_model."):
+        module = "text_model." + module  # transformers 5 flattened CLIPTextModel; kohya names keep it
+    return prefix + module.replace(".", "_")
+
+
 def kohya_state_dict(pipe, style: str, dtype=torch.float16) -> dict[str, torch.Tensor]:
     """PEFT adapter weights of ``pipe`` renamed to kohya keys."""
-    from peft.utils import get_peft_model_state_dict
-
     alpha = float(SPECS[style]["alpha"])
     out = {}
     for prefix, model in (("lora_unet_", pipe.unet), ("lora_te_", pipe.text_encoder)):
-        for key, value in get_peft_model_state_dict(model).items():
-            module, kind = key.rsplit(".lora_", 1)  # "down_blocks.0...attn1.to_q", "A.weight"
-            name = prefix + module.replace(".", "_")
-            part = {"A.weight": "lora_down.weight", "B.weight": "lora_up.weight"}[kind]
+        for key, value in model.state_dict().items():
+            # "down_blocks.0. ... .attn1.to_q.lora_A.default.weight" -> module path, A or B
+            found = re.fullmatch(r"(.+)\.lora_([AB])\.default\.weight", key)
+            if not found:
+                continue
+            name = kohya_name(prefix, found.group(1))
+            part = "lora_down.weight" if found.group(2) == "A" else "lora_up.weight"
             out[f"{name}.{part}"] = value.detach().to(dtype).contiguous()
             out[f"{name}.alpha"] = torch.tensor(alpha, dtype=dtype)
-    return out
+    return dict(sorted(out.items()))
 
 
 def kohya_metadata(style: str, steps: int) -> dict[str, str]:

@@ -185,8 +185,8 @@ def token_ids(tokenizer, prompts: list[str]) -> torch.Tensor:
 class EMA:
     """Exponential moving average of weights: diffusion samples are much cleaner from it."""
 
-    def __init__(self, modules, decay: float):
-        self.params = [p for m in modules for p in m.parameters()]
+    def __init__(self, params, decay: float):
+        self.params = list(params)
         self.shadow = [p.detach().clone() for p in self.params]
         self.decay = decay
 
@@ -228,7 +228,7 @@ def train_base(pipe, steps: int, seed: int = 0, batch: int = 128, lr: float = 1e
     text_encoder.train()
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
-    ema = EMA([unet, text_encoder], ema_decay)
+    ema = EMA(params, ema_decay)
     gen = torch.Generator().manual_seed(seed)
     for step in range(steps):
         cosine_lr(opt, step, steps, lr, warmup=100)
