@@ -73,27 +73,17 @@ def frobenius_norm_of_product(B: torch.Tensor, A: torch.Tensor) -> float:
     return float(gram.sum().clamp_min(0).sqrt())
 
 
-def sketch_width(shape: tuple[int, int], k: int, oversample: int) -> int:
-    return min(k + oversample, shape[0], shape[1])
-
-
-def gaussian_test_matrix(n: int, width: int, generator: torch.Generator | None, dtype, device="cpu") -> torch.Tensor:
-    return torch.randn(n, width, generator=generator, dtype=dtype, device="cpu").to(device)
-
-
 def randomized_svd(M: torch.Tensor, k: int, oversample: int = 10, power_iters: int = 2,
-                   generator: torch.Generator | None = None, sketch: torch.Tensor | None = None) -> LowRankSVD:
+                   generator: torch.Generator | None = None) -> LowRankSVD:
     """Randomized truncated SVD (Halko, Martinsson & Tropp 2011) of a dense matrix.
 
     Sketch with k + oversample Gaussian vectors, ``power_iters`` subspace iterations
     (re-orthonormalised each time), then an exact SVD of the small projected matrix.
-    ``sketch`` may pass M @ Ω precomputed (Ω from :func:`gaussian_test_matrix` with the same
-    generator), e.g. accumulated while M was being built.
     """
     m, n = M.shape
-    width = sketch_width((m, n), k, oversample)
-    if sketch is None:
-        sketch = M @ gaussian_test_matrix(n, width, generator, M.dtype, M.device)
+    width = min(k + oversample, m, n)
+    omega = torch.randn(n, width, generator=generator, dtype=M.dtype, device="cpu").to(M.device)
+    sketch = M @ omega
     Q, _ = torch.linalg.qr(sketch)
     for _ in range(power_iters):
         Z, _ = torch.linalg.qr(M.T @ Q)
