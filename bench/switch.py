@@ -58,6 +58,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
     args = parser.parse_args()
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()  # PEFT's per-adapter key listings are long
     folder = Path(tempfile.mkdtemp(prefix="loramerge-switch-"))
     targets = attention_targets("sdxl", ("unet",))
     files = {}

@@ -144,15 +144,31 @@ class LiveMix:
                 if not any(coefficients):
                     param.data.copy_(original)
                 else:
-                    # copy=True: for a float32 CPU model .to() would return the stored original
-                    # itself, and the in-place add below would corrupt it
-                    weight = original.to(param.device, torch.float32, copy=True)
-                    delta = sum(c * (up @ down) for c, (_, _, up, down) in zip(coefficients, target.terms) if c)
-                    weight += delta.reshape(weight.shape)
-                    param.data.copy_(weight.to(param.dtype))  # the one cast
+                    _write_patch(param, original, coefficients, target.terms)
                 self._applied[key] = coefficients
                 changed += 1
         return changed
+
+
+_BLOCK_ELEMENTS = 1 << 16  # rows × columns patched at once: the block stays in cache
+
+
+def _write_patch(param: torch.nn.Parameter, original: torch.Tensor, coefficients, terms) -> None:
+    """param ← cast(W₀ + Σ cᵢ·upᵢ@downᵢ), float32 math, a block of rows at a time.
+
+    The LoRAs' factors are stacked so each block is one addmm over W₀ (no dense delta per
+    LoRA), and the block is cast as it is copied into the parameter: one rounding per entry.
+    """
+    ups = [c * up for c, (_, _, up, _) in zip(coefficients, terms) if c]
+    downs = [down for c, (_, _, _, down) in zip(coefficients, terms) if c]
+    U, D = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+    rows, cols = U.shape[0], D.shape[1]
+    target = param.data.view(rows, cols)
+    source = original.view(rows, cols)
+    step = max(1, _BLOCK_ELEMENTS // cols)
+    for start in range(0, rows, step):
+        base = source[start:start + step].to(param.device, torch.float32)
+        target[start:start + step].copy_(torch.addmm(base, U[start:start + step], D))
 
 
 def attach(pipe, loras: Mapping[str, LoRA | str | os.PathLike]) -> LiveMix:
