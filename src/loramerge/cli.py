@@ -20,7 +20,8 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    help="Read, merge and convert LoRA adapters of diffusion models (SD1/2, SDXL, SD3, Flux), exactly, on ΔW.",
+    help="Read, merge, convert, fuse, extract and live-mix LoRA adapters of diffusion models "
+    "(SD1/2, SDXL, SD3, Flux), exactly, on ΔW.",
 )
 err = Console(stderr=True)
 out = Console()
@@ -361,8 +362,7 @@ def demo(
     samples: int = typer.Option(3, "--samples", help="Samples per digit for each mix."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
 ):
-    """Merge two bundled style LoRAs of the tiny digit world with several methods, fuse and
-    live-mix them, score every mix and write loramerge-demo/index.html."""
+    """Merge two style LoRAs of the bundled digit world with several methods, fuse, live-mix, score, write index.html."""
 
     def body():
         from .demo import run_demo
@@ -384,9 +384,9 @@ def methods():
     from .methods import METHODS
 
     for m in sorted(METHODS.values(), key=lambda m: m.name):
-        out.print(f"[bold]{m.name}[/]  {m.summary}", highlight=False)
+        out.print(f"[bold]{m.name}[/]  {m.summary}", highlight=False, soft_wrap=True)
         for p in m.params:
-            out.print(f"    {p.name} = {p.default!r}  {p.help}", highlight=False)
+            out.print(f"    {p.name} = {p.default!r}  {p.help}", highlight=False, soft_wrap=True)
 
 
 @app.command()
