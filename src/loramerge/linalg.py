@@ -89,9 +89,13 @@ def randomized_svd(M: torch.Tensor, k: int, oversample: int = 10, power_iters: i
         Z, _ = torch.linalg.qr(M.T @ Q)
         Q, _ = torch.linalg.qr(M @ Z)
     small = Q.T @ M  # width×n
-    Ub, S, Vh = torch.linalg.svd(small.double(), full_matrices=False)
+    # SVD of the wide width×n matrix through its QR: small = R2ᵀ·Q2ᵀ, then a width×width SVD
+    # (a direct SVD of the wide matrix costs as much as another pass over M)
+    Q2, R2 = torch.linalg.qr(small.T)
+    Ub, S, Vbh = torch.linalg.svd(R2.T.double(), full_matrices=False)
     U = Q @ Ub.to(M.dtype)
-    return LowRankSVD(U, S.to(M.dtype), Vh.to(M.dtype)).truncate(min(k, width))
+    Vh = Vbh.to(M.dtype) @ Q2.T
+    return LowRankSVD(U, S.to(M.dtype), Vh).truncate(min(k, width))
 
 
 def randomized_svd_for_energy(M: torch.Tensor, energy: float, start_width: int, oversample: int = 10,
