@@ -33,6 +33,8 @@ def main(argv=None) -> int:
     ap.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES))
     ap.add_argument("--smoke", action="store_true", help="a few steps only, to prove the script works")
     ap.add_argument("--steps", type=int, help="override the number of steps")
+    ap.add_argument("--uncond-plain", type=float,
+                    help="share of the empty-prompt samples drawn as plain digits (default: per style, lora.SPECS)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
@@ -53,7 +55,8 @@ def main(argv=None) -> int:
     for style in args.styles:
         t = time.time()
         pipe = tw.load_pipeline(base_dir)
-        lora.train_lora(pipe, style, cfg["steps"], seed=args.seed, batch=cfg["batch"], lr=cfg["lr"], log=log)
+        lora.train_lora(pipe, style, cfg["steps"], seed=args.seed, batch=cfg["batch"], lr=cfg["lr"],
+                        uncond_plain=args.uncond_plain, log=log)
         path = lora.save_kohya(pipe, style, paths.lora_path(style, args.out), cfg["steps"])
         seconds = round(time.time() - t, 1)
         log(f"{style}: trained in {seconds}s -> {path}")

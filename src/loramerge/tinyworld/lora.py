@@ -21,12 +21,13 @@ UNET_FF = ["ff.net.0.proj", "ff.net.2"]
 TEXT_ATTN = ["q_proj", "k_proj", "v_proj", "out_proj"]
 
 # ranks and alphas differ on purpose (alpha != rank for slanted, shifted and small), and so do
-# the targeted module sets, as they do among LoRAs found in the wild
+# the targeted module sets, as they do among LoRAs found in the wild. ``uncond_plain``: see
+# train_lora (bold at 0.5 overshoots into blobs the classifier misreads)
 SPECS = {
-    "bold": dict(rank=4, alpha=4.0, unet=UNET_ATTN),
-    "slanted": dict(rank=8, alpha=16.0, unet=UNET_ATTN + UNET_PROJ + UNET_FF),
-    "shifted": dict(rank=8, alpha=4.0, unet=UNET_ATTN + UNET_FF),
-    "small": dict(rank=16, alpha=8.0, unet=UNET_ATTN + UNET_PROJ + UNET_FF),
+    "bold": dict(rank=4, alpha=4.0, unet=UNET_ATTN, uncond_plain=0.3),
+    "slanted": dict(rank=8, alpha=16.0, unet=UNET_ATTN + UNET_PROJ + UNET_FF, uncond_plain=0.5),
+    "shifted": dict(rank=8, alpha=4.0, unet=UNET_ATTN + UNET_FF, uncond_plain=0.5),
+    "small": dict(rank=16, alpha=8.0, unet=UNET_ATTN + UNET_PROJ + UNET_FF, uncond_plain=0.5),
 }
 
 
@@ -46,13 +47,19 @@ def add_adapters(pipe, style: str) -> list[torch.nn.Parameter]:
 
 
 def train_lora(pipe, style: str, steps: int, seed: int = 0, batch: int = 64, lr: float = 2e-3,
-               drop_prompt: float = 0.1, log=print):
-    """Fit one style: the styled training digits, prompted "a handwritten <digit>, <trigger>"."""
+               drop_prompt: float = 0.1, uncond_plain: float | None = None, log=print):
+    """Fit one style: the styled training digits, prompted "a handwritten <digit>, <trigger>",
+    the empty prompt for a ``drop_prompt`` share of the batch, paired with plain digits in an
+    ``uncond_plain`` share of those."""
     from .build import make_train_scheduler
 
+    if uncond_plain is None:
+        uncond_plain = SPECS[style]["uncond_plain"]
     seed_everything(seed)
     images, labels = D.load_split("train")
-    latents = encode(pipe.vae, D.TRANSFORMS[style](images)) * pipe.vae.config.scaling_factor
+    scale = pipe.vae.config.scaling_factor
+    latents = encode(pipe.vae, D.TRANSFORMS[style](images)) * scale
+    plain = encode(pipe.vae, images) * scale
     ids_per_digit = token_ids(pipe.tokenizer, [D.prompt(d, [style]) for d in range(10)])
     empty_ids = token_ids(pipe.tokenizer, [""])[0]
     params = add_adapters(pipe, style)
@@ -66,8 +73,14 @@ def train_lora(pipe, style: str, steps: int, seed: int = 0, batch: int = 64, lr:
         cosine_lr(opt, step, steps, lr, warmup=20)
         idx = torch.randint(0, len(latents), (batch,), generator=gen)
         ids = ids_per_digit[labels[idx]].clone()
-        ids[torch.rand(batch, generator=gen) < drop_prompt] = empty_ids
-        loss = diffusion_loss(pipe.unet, pipe.text_encoder, scheduler, latents[idx], ids, gen)
+        dropped = torch.rand(batch, generator=gen) < drop_prompt
+        ids[dropped] = empty_ids
+        # the empty prompt draws plain digits part of the time: the unconditional branch of
+        # classifier-free guidance then sits between base and style, so guidance pushes towards
+        # the style (all styled: it pushes away from it; all plain: it overshoots into blobs)
+        as_plain = dropped & (torch.rand(batch, generator=gen) < uncond_plain)
+        target = torch.where(as_plain.view(-1, 1, 1, 1), plain[idx], latents[idx])
+        loss = diffusion_loss(pipe.unet, pipe.text_encoder, scheduler, target, ids, gen)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
