@@ -5,7 +5,9 @@ generates a fixed number of samples per digit with both trigger words and report
 accuracy, each style's retention relative to that LoRA alone, and the composition score
 (digit accuracy × the smaller retention; see loramerge.composition). Seeds are fixed, so a
 rerun prints the same table. Writes compose.md, compose.csv and compose.png into --out.
-Run: python bench/compose.py [--out DIR] [--samples 5]
+The last row applies both styles' transforms to held-out real digits: the ceiling the
+detectors allow for each pair, not a merge.
+Run: python bench/compose.py [--out DIR] [--samples 10]
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ MIXES = [
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("compose-results"))
-    parser.add_argument("--samples", type=int, default=5, help="samples per digit")
+    parser.add_argument("--samples", type=int, default=10, help="samples per digit")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(2)
@@ -63,6 +65,7 @@ def main() -> None:
         with comp.with_mix(pipe, {a: loras[a], b: loras[b]}, {a: 1.0, b: 1.0}):
             score, _ = comp.measure(pipe, "live mix", (a, b), args.samples, args.seed, denominators)
         rows.append({"pair": f"{a}+{b}", **score.row()})
+        rows.append({"pair": f"{a}+{b}", **comp.real_reference((a, b)).row()})
         print(f"{a}+{b} done ({time.perf_counter() - start:.0f} s)", flush=True)
     write_outputs(rows, alone, args)
     print(f"wrote {args.out}/compose.md, compose.csv, compose.png in {time.perf_counter() - start:.0f} s")
@@ -97,7 +100,7 @@ def write_outputs(rows, alone, args) -> None:
 
     fig, ax = plt.subplots(figsize=(8, 4))
     order = sorted(mixes, key=lambda m: means[m])
-    ax.barh(order, [means[m] for m in order], color="#4a7ab8")
+    ax.barh(order, [means[m] for m in order], color=["#999999" if m.startswith("real") else "#4a7ab8" for m in order])
     ax.set_xlabel("mean composition score over style pairs")
     ax.set_xlim(0, 1)
     fig.tight_layout()

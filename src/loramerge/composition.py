@@ -60,6 +60,23 @@ def measure(pipe, label: str, styles, per_digit: int, seed: int, alone: dict[str
     return score, images
 
 
+def real_reference(styles, alone_real: dict[str, float] | None = None) -> Score:
+    """The same measurements on held-out real digits with every style's transform applied: the
+    ceiling of what the detectors can report for this combination (some transforms fight, e.g.
+    shrinking a digit thins the strokes that bold thickened)."""
+    from .tinyworld import data
+
+    images, digits = data.load_split("held_out")
+    styled = data.apply_styles(images, list(styles))
+    accuracy = float((tw.classify(styled) == digits.numpy()).mean())
+    hits = {s: float(v.mean()) for s, v in tw.style_hits(styled, list(styles)).items()}
+    score = Score("real digits, both transforms", accuracy, hits)
+    if alone_real is None:
+        alone_real = {s: float(tw.style_hits(data.TRANSFORMS[s](images), [s])[s].mean()) for s in styles}
+    score.retention = {s: hits[s] / alone_real[s] if alone_real[s] > 0 else 0.0 for s in styles}
+    return score
+
+
 def with_mix(pipe, loras: dict[str, LoRA], weights: dict[str, float]):
     """A context: the pipeline with the mix fused in, restored exactly afterwards."""
 
