@@ -77,7 +77,10 @@ def della_keep_probabilities(tau: torch.Tensor, density: float, epsilon: float) 
     n = tau.shape[-1]
     if n == 1:
         return torch.full_like(tau, density)
-    ranks = tau.abs().argsort(dim=-1).argsort(dim=-1).to(tau.dtype)  # 0…n−1
+    order = tau.abs().argsort(dim=-1)
+    # rank of each entry = its position in the sorted order: one scatter, not a second sort
+    positions = torch.arange(n, dtype=tau.dtype, device=tau.device).expand(tau.shape)
+    ranks = torch.empty_like(tau).scatter_(-1, order, positions)  # 0…n−1
     return (density - epsilon) + 2 * epsilon * ranks / (n - 1)
 
 
