@@ -33,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES))
     ap.add_argument("--smoke", action="store_true", help="a few steps only, to prove the script works")
     ap.add_argument("--steps", type=int, help="override the number of steps")
+    ap.add_argument("--lr", type=float, help="override the learning rate")
     ap.add_argument("--uncond-plain", type=float,
                     help="share of the empty-prompt samples drawn as plain digits (default: per style, lora.SPECS)")
     ap.add_argument("--threads", type=int, default=1)
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.steps:
         cfg["steps"] = args.steps
+    if args.lr:
+        cfg["lr"] = args.lr
     base_dir = args.pipeline or (paths.pipeline_dir(args.out) if paths.pipeline_dir(args.out).exists()
                                  else paths.pipeline_dir())
     log = training.Log()

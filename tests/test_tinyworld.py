@@ -257,3 +257,16 @@ def test_training_scripts_smoke(tmp_path):
     small.load_lora_weights(str(paths.lora_path("bold", tmp_path)))
     report = json.loads(paths.report_path(tmp_path).read_text())
     assert {"detectors", "pipeline", "loras"} <= set(report)
+
+
+# ---- composition reference --------------------------------------------------------------------
+
+def test_real_reference_row_is_the_detectors_ceiling():
+    """Both transforms on real digits: bold and slanted compose; shrinking thins bold strokes."""
+    from loramerge import composition
+
+    both = composition.real_reference(("bold", "slanted"))
+    assert both.accuracy >= 0.85 and min(both.retention.values()) >= 0.95, both
+    clash = composition.real_reference(("bold", "small"))
+    assert clash.hits["bold"] <= 0.05 and clash.hits["small"] >= 0.90, clash
+    assert clash.composition == pytest.approx(clash.accuracy * clash.retention["bold"])
