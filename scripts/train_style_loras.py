@@ -20,8 +20,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout, too
 
-FULL = dict(steps=600, batch=32, lr=4e-3, eval_per_digit=10)
-SMOKE = dict(steps=3, batch=8, lr=4e-3, eval_per_digit=1)
+FULL = dict(steps=600, batch=32, eval_per_digit=10)  # learning rates per style: lora.SPECS
+SMOKE = dict(steps=3, batch=8, eval_per_digit=1)
 
 
 def main(argv=None) -> int:
@@ -33,7 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--styles", nargs="+", choices=STYLES, default=list(STYLES))
     ap.add_argument("--smoke", action="store_true", help="a few steps only, to prove the script works")
     ap.add_argument("--steps", type=int, help="override the number of steps")
-    ap.add_argument("--lr", type=float, help="override the learning rate")
+    ap.add_argument("--lr", type=float, help="learning rate (default: per style, lora.SPECS)")
     ap.add_argument("--uncond-plain", type=float,
                     help="share of the empty-prompt samples drawn as plain digits (default: per style, lora.SPECS)")
     ap.add_argument("--threads", type=int, default=1)
@@ -49,8 +49,6 @@ def main(argv=None) -> int:
     cfg = dict(SMOKE if args.smoke else FULL)
     if args.steps:
         cfg["steps"] = args.steps
-    if args.lr:
-        cfg["lr"] = args.lr
     base_dir = args.pipeline or (paths.pipeline_dir(args.out) if paths.pipeline_dir(args.out).exists()
                                  else paths.pipeline_dir())
     log = training.Log()
@@ -58,7 +56,7 @@ def main(argv=None) -> int:
     for style in args.styles:
         t = time.time()
         pipe = tw.load_pipeline(base_dir)
-        lora.train_lora(pipe, style, cfg["steps"], seed=args.seed, batch=cfg["batch"], lr=cfg["lr"],
+        lora.train_lora(pipe, style, cfg["steps"], seed=args.seed, batch=cfg["batch"], lr=args.lr,
                         uncond_plain=args.uncond_plain, log=log)
         path = lora.save_kohya(pipe, style, paths.lora_path(style, args.out), cfg["steps"])
         seconds = round(time.time() - t, 1)
