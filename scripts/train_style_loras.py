@@ -13,7 +13,6 @@ diffusers' ``load_lora_weights`` into the shipped pipeline.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -75,10 +74,7 @@ def main(argv=None) -> int:
         )
         log(f"{style}: hit rate {with_lora['hit_rate']:.2f} with the LoRA, {base['hit_rate']:.2f} without; "
             f"digit accuracy {with_lora['digit_accuracy']:.2f}")
-    # keep the numbers of styles not retrained in this run
-    report_file = paths.report_path(args.out)
-    known = json.loads(report_file.read_text()).get("loras", {}) if report_file.exists() else {}
-    training.update_report(report_file, "loras", {**known, **results})
+    training.update_report(paths.report_path(args.out), "loras", results, merge=True)
     return 0
 
 

@@ -50,31 +50,31 @@ def sample(pipe, styles, per_digit: int, seed: int):
     return tw.generate(pipe, prompts, seed=seed), digits
 
 
-def measure(pipe, label: str, styles, per_digit: int, seed: int, alone: dict[str, float] | None = None):
-    images, digits = sample(pipe, styles, per_digit, seed)
-    accuracy = float((tw.classify(images) == digits).mean())
+def score_images(label: str, images, digits, styles, alone: dict[str, float] | None = None) -> Score:
+    """Digit accuracy, each style's hit rate and, given the styles' rates alone, retention."""
+    accuracy = float((tw.classify(images) == np.asarray(digits)).mean())
     hits = {s: float(v.mean()) for s, v in tw.style_hits(images, list(styles) or None).items() if s in styles}
     score = Score(label, accuracy, hits)
     if alone:
         score.retention = {s: (hits[s] / alone[s] if alone[s] > 0 else 0.0) for s in styles}
-    return score, images
+    return score
 
 
-def real_reference(styles, alone_real: dict[str, float] | None = None) -> Score:
+def measure(pipe, label: str, styles, per_digit: int, seed: int, alone: dict[str, float] | None = None):
+    images, digits = sample(pipe, styles, per_digit, seed)
+    return score_images(label, images, digits, styles, alone), images
+
+
+def real_reference(styles) -> Score:
     """The same measurements on held-out real digits with every style's transform applied: the
     ceiling of what the detectors can report for this combination (some transforms fight, e.g.
     shrinking a digit thins the strokes that bold thickened)."""
     from .tinyworld import data
 
     images, digits = data.load_split("held_out")
+    alone = {s: float(tw.style_hits(data.TRANSFORMS[s](images), [s])[s].mean()) for s in styles}
     styled = data.apply_styles(images, list(styles))
-    accuracy = float((tw.classify(styled) == digits.numpy()).mean())
-    hits = {s: float(v.mean()) for s, v in tw.style_hits(styled, list(styles)).items()}
-    score = Score("real digits, both transforms", accuracy, hits)
-    if alone_real is None:
-        alone_real = {s: float(tw.style_hits(data.TRANSFORMS[s](images), [s])[s].mean()) for s in styles}
-    score.retention = {s: hits[s] / alone_real[s] if alone_real[s] > 0 else 0.0 for s in styles}
-    return score
+    return score_images("real digits, both transforms", styled, digits, styles, alone)
 
 
 def with_mix(pipe, loras: dict[str, LoRA], weights: dict[str, float]):

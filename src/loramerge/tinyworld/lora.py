@@ -7,6 +7,7 @@ or ``lora_te_text_model_<text encoder module path>``; each has ``lora_down.weigh
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -147,6 +148,8 @@ def save_kohya(pipe, style: str, path: str | Path, steps: int) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(kohya_state_dict(pipe, style), str(path), metadata=kohya_metadata(style, steps))
+    tmp = path.with_name(path.name + ".tmp")  # atomic: a killed run leaves the old file whole
+    save_file(kohya_state_dict(pipe, style), str(tmp), metadata=kohya_metadata(style, steps))
+    os.replace(tmp, path)
     return path
 
