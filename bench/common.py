@@ -13,6 +13,7 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+import loramerge  # noqa: E402
 from loramerge.synthetic import attention_targets, random_lora  # noqa: E402
 
 
@@ -23,8 +24,8 @@ def sdxl_pair(folder: Path) -> tuple[Path, Path, dict]:
     assert len(targets) == 722, len(targets)
     a, b = folder / "a.safetensors", folder / "b.safetensors"
     if not (a.exists() and b.exists()):
-        random_lora("sdxl", targets, rank=32, alpha=16, seed=1, dtype=torch.float16).save(a, format="kohya")
-        random_lora("sdxl", targets, rank=16, alpha=16, seed=2, dtype=torch.float16).save(b, format="kohya")
+        loramerge.save(random_lora("sdxl", targets, rank=32, alpha=16, seed=1, dtype=torch.float16), a, format="kohya")
+        loramerge.save(random_lora("sdxl", targets, rank=16, alpha=16, seed=2, dtype=torch.float16), b, format="kohya")
     return a, b, targets
 
 

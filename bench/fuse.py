@@ -25,12 +25,14 @@ from pathlib import Path
 import common
 import torch
 
+import loramerge
+
 from loramerge.formats import keymaps
-from loramerge.formats.names import UnetLayout, diffusers_to_sgm
+from loramerge.formats.schemes.sgm import diffusers_to_sgm
 from loramerge.formats.safetensors_io import StreamingWriter, TensorSpec
 from loramerge.synthetic import attention_targets, random_lora
 
-LAYOUT = UnetLayout(up_blocks_with_attention=(0, 1))
+LAYOUT = (0, 1)
 OPENCLIP = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj"),
             ("self_attn.out_proj", "attn.out_proj"))
 
@@ -124,8 +126,8 @@ def main() -> None:
         print(f"wrote {ckpt} ({ckpt.stat().st_size / 2**30:.2f} GiB) in {time.perf_counter() - start:.0f} s")
     lora = folder / "lora.safetensors"
     if not lora.exists():
-        random_lora("sdxl", attention_targets("sdxl", ("unet",)), rank=32, alpha=16, seed=1,
-                    dtype=torch.float16).save(lora, format="kohya")
+        loramerge.save(random_lora("sdxl", attention_targets("sdxl", ("unet",)), rank=32, alpha=16, seed=1,
+                                   dtype=torch.float16), lora, format="kohya")
 
     start = time.perf_counter()
     shutil.copyfile(ckpt, folder / "copy.safetensors")

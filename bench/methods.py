@@ -28,7 +28,7 @@ FACTORED = ["linear", "svd", "knots", "tsv", "iso_c", "iso_cts"]
 def run(a, b, out: Path, method: str, **kw) -> tuple[float, dict]:
     start = time.perf_counter()
     merged = loramerge.merge([a, b], weights=WEIGHTS, method=method, device="cpu", **kw)
-    merged.save(out)
+    loramerge.save(merged, out)
     return time.perf_counter() - start, merged.stats
 
 

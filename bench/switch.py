@@ -72,7 +72,7 @@ def main() -> None:
     files = {}
     for seed, name in enumerate("abcd"):
         files[name] = folder / f"{name}.safetensors"
-        random_lora("sdxl", targets, rank=16, alpha=16, seed=seed, dtype=torch.float16).save(files[name], format="diffusers")
+        loramerge.save(random_lora("sdxl", targets, rank=16, alpha=16, seed=seed, dtype=torch.float16), files[name], format="diffusers")
     keys = [name for _, name in targets]
     print(f"SDXL UNet ({args.dtype}, CPU, 1 thread), 4 LoRAs × {len(targets)} modules, {args.cycles} cycles of A → B → A")
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import loramerge  # noqa: E402
 from loramerge.synthetic import attention_targets, random_lora
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "loramerge" / "examples"
@@ -21,8 +22,8 @@ def main() -> None:
     style = random_lora("sd1", targets, rank=8, alpha=4, seed=1, dtype=torch.float16)
     subject = random_lora("sd1", targets, rank=4, alpha=4, seed=2, dtype=torch.float16)
     meta = {"modelspec.date": "2026-11-29T00:00:00"}
-    style.save(OUT / "style.safetensors", format="kohya", metadata={**meta, "modelspec.title": "example style"})
-    subject.save(OUT / "subject.safetensors", format="diffusers", metadata={**meta, "modelspec.title": "example subject"})
+    loramerge.save(style, OUT / "style.safetensors", format="kohya", metadata={**meta, "modelspec.title": "example style"})
+    loramerge.save(subject, OUT / "subject.safetensors", format="diffusers", metadata={**meta, "modelspec.title": "example subject"})
     for p in sorted(OUT.glob("*.safetensors")):
         print(p, p.stat().st_size)
 

@@ -19,8 +19,8 @@ from loramerge.synthetic import attention_targets, random_lora
 def sd1_pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("sd1")
     targets = attention_targets("sd1")
-    random_lora("sd1", targets, rank=4, alpha=2, seed=1).save(folder / "a.safetensors")
-    random_lora("sd1", targets, rank=2, seed=2).save(folder / "b.safetensors", format="diffusers")
+    loramerge.save(random_lora("sd1", targets, rank=4, alpha=2, seed=1), folder / "a.safetensors")
+    loramerge.save(random_lora("sd1", targets, rank=2, seed=2), folder / "b.safetensors", format="diffusers")
     return folder
 
 
@@ -40,7 +40,7 @@ def test_lbw_vector_and_diffusers_dict_give_the_same_file(sd1_pair, tmp_path):
     out = []
     for i, spec in enumerate([LBW, DICT, ",".join(map(str, LBW)), json.dumps(DICT)]):
         merged = loramerge.merge([a, b], weights=[0.7, 0.8], block_weights=[spec, None], method="svd", rank=4, device="cpu")
-        merged.save(tmp_path / f"{i}.safetensors")
+        loramerge.save(merged, tmp_path / f"{i}.safetensors")
         out.append((tmp_path / f"{i}.safetensors").read_bytes())
     # the resolved weights (not the spelling) go into the recipe, so all four files are identical
     assert out[0] == out[1] == out[2] == out[3]
@@ -79,9 +79,9 @@ def test_presets_patterns_and_flux_ranges():
         elif m.name.startswith("single_transformer_blocks.") and int(m.name.split(".")[1]) >= 20:
             expected = 0.8
         assert bw.weight_for(m) == expected, m.key
-    with pytest.raises(UsageError, match="12, 17, 20 or 26"):
+    with pytest.raises(UsageError, match="takes 17 or 26 values, got 3"):
         parse_block_weights([1, 2, 3], "sd1")
-    with pytest.raises(UsageError, match="for sdxl, not sd1"):
+    with pytest.raises(UsageError, match="Stable Diffusion 1.x takes 17 or 26 values, got 12"):
         parse_block_weights([1] * 12, "sd1")
 
 

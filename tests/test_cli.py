@@ -19,7 +19,7 @@ def run(*args, cwd=None):
     return proc.returncode, proc.stdout, proc.stderr
 
 
-def kohya(path, rank=4, width=320, seed=0, dtype=torch.float32, extra=None):
+def kohya(path, rank=4, width=320, seed=0, dtype=torch.float32, extra=None, version="sd_v1"):
     g = torch.Generator().manual_seed(seed)
     sd = {}
     for key in (Q, K):
@@ -27,7 +27,7 @@ def kohya(path, rank=4, width=320, seed=0, dtype=torch.float32, extra=None):
         sd[f"{key}.lora_down.weight"] = torch.randn(rank, width, generator=g).to(dtype)
         sd[f"{key}.alpha"] = torch.tensor(float(rank) / 2)
     sd.update(extra or {})
-    save_file(sd, str(path))
+    save_file(sd, str(path), metadata={"ss_base_model_version": version} if version else None)
     return path
 
 

@@ -65,7 +65,7 @@ def test_sd15(tmp_path, out_format, method):
 
     merged = loramerge.merge([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], weights=WEIGHTS, method=method)
     assert merged.arch == "sd1" and len(merged) == len(mods)
-    merged.save(tmp_path / "m.safetensors", format=out_format)
+    loramerge.save(merged, tmp_path / "m.safetensors", format=out_format)
 
     expected = _expected(_snapshot(pipe, mods), [a, b], WEIGHTS)
     untouched = pipe.unet.conv_in.weight.detach().clone()
@@ -85,7 +85,7 @@ def test_sdxl(tmp_path, out_format):
 
     merged = loramerge.merge([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], weights=WEIGHTS)
     assert merged.arch == "sdxl" and len(merged) == len(mods)
-    merged.save(tmp_path / "m.safetensors", format=out_format)
+    loramerge.save(merged, tmp_path / "m.safetensors", format=out_format)
     if out_format == "kohya":  # SDXL files name the UNet in sgm blocks, as kohya writes them
         from safetensors import safe_open
 
@@ -142,7 +142,7 @@ def test_flux(tmp_path, out_format):
     la = loramerge.load(tmp_path / "a.safetensors")
     assert la.arch == "flux" and la.format == "kohya" and len(la) == len(mods)
     merged = loramerge.merge([la, tmp_path / "b.safetensors"], weights=WEIGHTS)
-    merged.save(tmp_path / "m.safetensors", format=out_format)
+    loramerge.save(merged, tmp_path / "m.safetensors", format=out_format)
 
     # diffusers 0.42's kohya-Flux converter renames img_in/final_layer (and txt_in, time_in,
     # vector_in, guidance_in) without the "transformer." prefix, so its loader drops them
@@ -178,6 +178,6 @@ def test_flux_single_block_linear1_at_full_width(tmp_path, out_format):
     tiny.write_diffusers(tmp_path / "b.safetensors", b)
 
     merged = loramerge.merge([tmp_path / "a.safetensors", tmp_path / "b.safetensors"], weights=WEIGHTS)
-    merged.save(tmp_path / "m.safetensors", format=out_format)
+    loramerge.save(merged, tmp_path / "m.safetensors", format=out_format)
     expected = _expected(_snapshot(pipe, mods), [a, b], WEIGHTS)
     _load_fuse_and_check(pipe, tmp_path / "m.safetensors", mods, expected, len(mods))

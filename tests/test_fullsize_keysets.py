@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 import loramerge
 from loramerge.formats import keymaps
-from loramerge.formats.names import UnetLayout, diffusers_to_sgm
+from loramerge.formats.schemes.sgm import diffusers_to_sgm
 
 ATTN_FF_PROJ = re.compile(
     r"(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ff\.net\.(0\.proj|2)|attentions\.\d+\.proj_(in|out)"
@@ -41,7 +41,7 @@ def meta_modules(arch):
 def kohya_key(arch, component, name):
     if component == "unet":
         if arch == "sdxl":
-            name = diffusers_to_sgm(name, UnetLayout(UP_WITH_ATTENTION[arch]))
+            name = diffusers_to_sgm(name, UP_WITH_ATTENTION[arch])
         return "lora_unet_" + name.replace(".", "_")
     prefix = {"sd1": {"text_encoder": "lora_te_"}, "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"}}
     return prefix[arch][component] + name.replace(".", "_")
@@ -82,14 +82,14 @@ def test_kohya_roundtrip_and_diffusers_placement(tmp_path, arch, expected_unet):
     assert lora.arch == arch and lora.format == "kohya"
     assert {(m.component, m.name): m.shape for m in lora} == modules  # every key on the right module
 
-    lora.save(tmp_path / "back.safetensors", format="kohya")
+    loramerge.save(lora, tmp_path / "back.safetensors", format="kohya")
     with safe_open(str(tmp_path / "back.safetensors"), "pt") as f:
         assert set(f.keys()) == set(sd)
         for key in sd:
             if not key.endswith(".alpha"):
                 assert torch.equal(f.get_tensor(key), sd[key]), key
 
-    lora.save(tmp_path / "out.safetensors", format="diffusers")
+    loramerge.save(lora, tmp_path / "out.safetensors", format="diffusers")
     with safe_open(str(tmp_path / "out.safetensors"), "pt") as f:
         keys = list(f.keys())
         placed = {}
@@ -133,9 +133,9 @@ def test_sgm_and_kohya_names_agree_with_diffusers_converter(tmp_path, arch):
 
 def test_sdxl_sgm_resnet_and_sampler_names_round_trip():
     """Resnet internals, down/upsamplers and top-level modules map sgm ↔ diffusers both ways."""
-    from loramerge.formats.names import sgm_to_diffusers
+    from loramerge.formats.schemes.sgm import sgm_to_diffusers
 
-    layout = UnetLayout((0, 1))
+    layout = (0, 1)
     table = keymaps.table("sdxl")["unet"]
     for name in table:
         sgm = diffusers_to_sgm(name, layout)

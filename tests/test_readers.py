@@ -18,7 +18,12 @@ def rnd(*shape):
     return torch.randn(*shape, generator=G)
 
 
-def read_one(tmp_path, tensors, name="x.safetensors", metadata=None, **kw):
+# What kohya writes into every file; SD1 and SD2 modules outside cross-attention have the same
+# names and shapes, so without it these one-module files would fit both (see test_detection.py).
+SD1_HEADER = {"ss_base_model_version": "sd_v1"}
+
+
+def read_one(tmp_path, tensors, name="x.safetensors", metadata=SD1_HEADER, **kw):
     path = tmp_path / name
     save_file(tensors, str(path), metadata=metadata)
     return loramerge.load(path, **kw)
@@ -152,10 +157,10 @@ def test_diffusers_metadata_alphas_and_rslora(tmp_path):
     t = {f"unet.{n1}.lora_A.weight": rnd(4, 320), f"unet.{n1}.lora_B.weight": rnd(320, 4),
          f"unet.{n2}.lora_A.weight": rnd(2, 320), f"unet.{n2}.lora_B.weight": rnd(320, 2)}
     meta = {"unet.r": 4, "unet.lora_alpha": 8, "unet.rank_pattern": {n2: 2}, "unet.alpha_pattern": {n2: 1}}
-    lora = read_one(tmp_path, t, metadata={"lora_adapter_metadata": json.dumps(meta)})
+    lora = read_one(tmp_path, t, metadata={"lora_adapter_metadata": json.dumps(meta)}, arch="sd1")
     assert lora[f"unet.{n1}"].scale == 2.0 and lora[f"unet.{n2}"].scale == 0.5
     meta["unet.use_rslora"] = True
-    lora = read_one(tmp_path, t, "r.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)})
+    lora = read_one(tmp_path, t, "r.safetensors", metadata={"lora_adapter_metadata": json.dumps(meta)}, arch="sd1")
     assert lora[f"unet.{n1}"].scale == pytest.approx(8 / math.sqrt(4))
     assert lora[f"unet.{n2}"].scale == pytest.approx(1 / math.sqrt(2))
 
@@ -224,7 +229,7 @@ def test_sd2_is_told_from_sd1_by_shapes(tmp_path):
 def test_pickles_only_through_weights_only(tmp_path):
     up, down = rnd(320, 4), rnd(4, 320)
     torch.save({f"{Q}.lora_up.weight": up, f"{Q}.lora_down.weight": down}, tmp_path / "ok.pt")
-    assert_delta(next(iter(loramerge.load(tmp_path / "ok.pt"))), up @ down)
+    assert_delta(next(iter(loramerge.load(tmp_path / "ok.pt", arch="sd1"))), up @ down)
 
     class Evil:
         def __reduce__(self):

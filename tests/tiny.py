@@ -13,7 +13,7 @@ import warnings
 import torch
 from safetensors.torch import save_file
 
-from loramerge.formats.names import UnetLayout, diffusers_to_sgm
+from loramerge.formats.schemes.sgm import diffusers_to_sgm
 
 
 def _clip(hidden=32, projection=False):
@@ -157,10 +157,15 @@ _KOHYA_TE = {"sd1": {"text_encoder": "lora_te_"},
              "flux": {"text_encoder": "lora_te1_"}}
 
 
+# What kohya sd-scripts writes as ss_base_model_version (SD1 and SD2 modules outside
+# cross-attention share names and shapes, so tiny models need it to be told apart).
+KOHYA_VERSION = {"sd1": "sd_v1", "sd2": "sd_v2", "sdxl": "sdxl_base_v1-0", "flux": "flux1"}
+
+
 def kohya_key(arch: str, component: str, name: str) -> str:
     if component in ("unet", "transformer"):
         if arch == "sdxl":
-            name = diffusers_to_sgm(name, UnetLayout(up_blocks_with_attention=(0, 1)))
+            name = diffusers_to_sgm(name, (0, 1))
         return "lora_unet_" + name.replace(".", "_")
     return _KOHYA_TE[arch][component] + name.replace(".", "_")
 
@@ -173,7 +178,7 @@ def write_kohya(path, arch: str, factors: dict, dtype=torch.float32) -> None:
         sd[f"{key}.lora_down.weight"] = down.to(dtype).contiguous()
         if alpha is not None:
             sd[f"{key}.alpha"] = torch.tensor(float(alpha))
-    save_file(sd, str(path), metadata={"ss_network_module": "networks.lora"})
+    save_file(sd, str(path), metadata={"ss_network_module": "networks.lora", "ss_base_model_version": KOHYA_VERSION[arch]})
 
 
 def write_flux_kohya(path, factors: dict, fused: dict) -> None:
@@ -197,7 +202,7 @@ def write_flux_kohya(path, factors: dict, fused: dict) -> None:
             sd[f"{key}.lora_up.weight"] = up.contiguous()
             sd[f"{key}.lora_down.weight"] = down.contiguous()
             sd[f"{key}.alpha"] = torch.tensor(float(alpha))
-    save_file(sd, str(path))
+    save_file(sd, str(path), metadata={"ss_base_model_version": KOHYA_VERSION["flux"]})
 
 
 def write_diffusers(path, factors: dict) -> None:
@@ -289,7 +294,7 @@ def _open_clip_state(model, prefix: str) -> dict:
 
 def single_file_state(pipe, arch: str) -> dict:
     """The UNet and text encoders of a tiny SD1/SDXL pipeline as an LDM/sgm single file."""
-    layout = UnetLayout(up_blocks_with_attention=(0, 1) if arch == "sdxl" else (1, 2, 3))
+    layout = (0, 1) if arch == "sdxl" else (1, 2, 3)
     out = {}
     for key, value in pipe.unet.state_dict().items():
         module, param = key.rsplit(".", 1)

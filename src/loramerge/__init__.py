@@ -3,15 +3,16 @@
     import loramerge
     a = loramerge.load("style.safetensors")
     merged = loramerge.merge([a, "subject.safetensors"], weights=[0.7, 0.8], method="svd", rank=32)
-    merged.save("merged.safetensors", format="kohya")
+    loramerge.save(merged, "merged.safetensors")    # the format every client loads
 """
 
-__version__ = "0.1.0"
+from .version import __version__  # noqa: E402
 
 from .errors import LoraMergeError  # noqa: E402
 from .lora import LoRA, LoraModule  # noqa: E402
-from .merge import load, merge  # noqa: E402
+from .io import load, save  # noqa: E402
+from .merge import merge  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .runtime import LiveMix, attach  # noqa: E402
 
-__all__ = ["load", "merge", "attach", "LiveMix", "LoRA", "LoraModule", "LoraMergeError", "METHODS", "__version__"]
+__all__ = ["load", "save", "merge", "attach", "LiveMix", "LoRA", "LoraModule", "LoraMergeError", "METHODS", "__version__"]

@@ -21,6 +21,7 @@ import torch
 
 from . import linalg
 from .lora import LoRA
+from .formats import archs
 from .report import block_of
 
 
@@ -63,11 +64,12 @@ def effective_rank(S: torch.Tensor) -> float:
 def analyze(loras: list[LoRA], names: list[str], density: float = 0.2, merged: LoRA | None = None) -> dict:
     """Per-block statistics for the LoRAs (and a candidate merge, if given)."""
     keys = sorted(set().union(*(l.modules for l in loras)))
+    spec = archs.spec(loras[0].arch)
     blocks: dict[str, dict] = {}
     spectra: dict[str, list[list[float]]] = {name: [] for name in names}
     for key in keys:
         present = [(i, l[key]) for i, l in enumerate(loras) if key in l]
-        block = block_of(present[0][1])
+        block = block_of(spec, present[0][1])
         entry = blocks.setdefault(block, {"modules": 0, "inner": {}, "norm_sq": [0.0] * len(loras),
                                           "conflicts": {}, "eff_rank": [[] for _ in loras],
                                           "retained": [[0.0, 0.0] for _ in loras]})

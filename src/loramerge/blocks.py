@@ -10,8 +10,10 @@ module:
   ``{"unet": {"down": 0.5, "mid": 1, "up": {"block_0": [1, 0.5, 0]}}, "text_encoder": 0.3}``.
   A list entry is per layer of the block (layer j = resnets.j and attentions.j; diffusers
   itself applies these to attention layers only — the same for attention-only LoRAs).
-- Flux / SD3 block ranges: ``{"transformer": {"double": {"0-9": 0.5}, "single": 0.8}}``
-  (Flux double blocks are ``transformer_blocks``, single blocks ``single_transformer_blocks``).
+- DiT block ranges by the architecture's block kinds (its entry's grammar):
+  ``{"transformer": {"double": {"0-9": 0.5}, "single": 0.8}}`` for Flux (double blocks are
+  ``transformer_blocks``, single blocks ``single_transformer_blocks``), ``joint`` for SD3…;
+  indices past the model's blocks are refused.
 - Glob patterns on canonical module keys, applied last: ``{"unet.up_blocks.1.*": 0}``.
 Anything a spec does not mention keeps weight 1.
 """
@@ -19,24 +21,14 @@ Anything a spec does not mention keeps weight 1.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import json
 from dataclasses import dataclass, field
 
 from .errors import UsageError
-from .formats import archs
-from .formats.names import diffusers_to_sgm
+from .formats import archs, keymaps
 from .lora import LoraModule
 
-# Block ids in the order of each vector length (sd-webui-lora-block-weight's BLOCKIDs).
-_IN = [f"IN{i:02d}" for i in range(12)]
-_OUT = [f"OUT{i:02d}" for i in range(12)]
-VECTOR_BLOCKS = {
-    17: ["BASE", "IN01", "IN02", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[3:],
-    26: ["BASE"] + _IN + ["M00"] + _OUT,
-    12: ["BASE", "IN04", "IN05", "IN07", "IN08", "M00"] + _OUT[:6],
-    20: ["BASE"] + _IN[:9] + ["M00"] + _OUT[:9],
-}
-VECTOR_ARCHS = {17: ("sd1", "sd2"), 26: ("sd1", "sd2"), 12: ("sdxl",), 20: ("sdxl",)}
 # The extension's default presets (17 values, SD1); applied to SDXL they are refused.
 PRESETS = {
     "NONE": [0] * 17,
@@ -78,27 +70,26 @@ class BlockWeights:
 
 
 def block_id(arch: str, module: LoraModule) -> str | None:
-    """The block a module belongs to: BASE for text encoders, INxx/M00/OUTxx for UNets,
-    double.i / single.i / joint.i for DiT blocks, None for modules outside any block."""
+    """The block a module belongs to: BASE for text encoders, the denoiser's grammar for the
+    rest (INxx/M00/OUTxx for UNets, kind.i for DiTs), None for modules outside any block."""
     spec = archs.spec(arch)
     if module.component in spec.text_encoders:
         return "BASE"
-    if module.component == "unet":
-        sgm = diffusers_to_sgm(module.name, spec.unet_layout)
-        parts = sgm.split(".")
-        if parts[0] == "input_blocks":
-            return f"IN{int(parts[1]):02d}"
-        if parts[0] == "middle_block":
-            return "M00"
-        if parts[0] == "output_blocks":
-            return f"OUT{int(parts[1]):02d}"
-        return None
-    parts = module.name.split(".")
-    if parts[0] == "transformer_blocks":
-        return f"{'double' if arch == 'flux' else 'joint'}.{parts[1]}"
-    if parts[0] == "single_transformer_blocks":
-        return f"single.{parts[1]}"
-    return None
+    return spec.blocks.block_of(module.name)
+
+
+@functools.cache
+def block_counts(arch: str) -> dict[str, int]:
+    """How many blocks of each kind the architecture's largest variant has (DiT grammars)."""
+    spec = archs.spec(arch)
+    counts: dict[str, int] = {}
+    for variant in spec.variants:
+        for name in keymaps.table(variant).get(spec.denoiser, {}):
+            block = spec.blocks.block_of(name)
+            if block is not None:
+                kind, index = block.split(".")
+                counts[kind] = max(counts.get(kind, 0), int(index) + 1)
+    return counts
 
 
 # --------------------------------------------------------------------------------------------
@@ -134,12 +125,13 @@ def parse_block_weights(spec, arch: str) -> BlockWeights:
 
 def from_vector(values: list[float], arch: str) -> BlockWeights:
     n = len(values)
-    if n not in VECTOR_BLOCKS:
-        raise UsageError(f"a LoRA Block Weight vector has 12, 17, 20 or 26 values, got {n}")
-    if arch not in VECTOR_ARCHS[n]:
-        raise UsageError(f"a {n}-value block weight vector is for {'/'.join(VECTOR_ARCHS[n])}, not {arch}")
+    spec = archs.spec(arch)
+    vectors = getattr(spec.blocks, "vectors", {})
+    if n not in vectors:
+        takes = f"{' or '.join(map(str, sorted(vectors)))} values" if vectors else "no block weight vectors (use a dict)"
+        raise UsageError(f"a LoRA Block Weight vector for {spec.label} takes {takes}, got {n}")
     weights = BlockWeights(arch)
-    for block, value in zip(VECTOR_BLOCKS[n], values):
+    for block, value in zip(vectors[n], values):
         if block == "BASE":
             weights.components.update({c: value for c in archs.spec(arch).text_encoders})
         else:
@@ -157,9 +149,9 @@ def from_dict(spec: dict, arch: str) -> BlockWeights:
             weights.patterns.append((key, _number(value, key)))
         elif key in arch_spec.text_encoders:
             weights.components[key] = _number(value, key)
-        elif key == "unet" and arch_spec.denoiser == "unet":
+        elif key == arch_spec.denoiser and arch_spec.blocks.kind == "unet":
             _unet_dict(weights, value, arch_spec)
-        elif key == "transformer" and arch_spec.denoiser == "transformer":
+        elif key == arch_spec.denoiser:
             _transformer_dict(weights, value, arch)
         else:
             raise UsageError(f"block weights: {key!r} is not a component of {arch_spec.label} "
@@ -175,9 +167,9 @@ def _number(value, where: str) -> float:
 
 def _unet_dict(weights: BlockWeights, spec, arch_spec) -> None:
     if not isinstance(spec, dict):
-        weights.components["unet"] = _number(spec, "unet")
+        weights.components[arch_spec.denoiser] = _number(spec, arch_spec.denoiser)
         return
-    n_down = 3 if arch_spec.name == "sdxl" else 4
+    n_down = arch_spec.blocks.down_blocks
     for key, value in spec.items():
         if key == "mid":
             weights.blocks["M00"] = _number(value[0] if isinstance(value, list) and len(value) == 1 else value, "mid")
@@ -213,23 +205,27 @@ def _set_layers(weights: BlockWeights, updown: str, block: int, layers, n_blocks
 
 
 def _transformer_dict(weights: BlockWeights, spec, arch: str) -> None:
+    arch_spec = archs.spec(arch)
     if not isinstance(spec, dict):
-        weights.components["transformer"] = _number(spec, "transformer")
+        weights.components[arch_spec.denoiser] = _number(spec, arch_spec.denoiser)
         return
-    kinds = {"double": "double", "single": "single"} if arch == "flux" else {"joint": "joint", "double": "joint"}
+    grammar, counts = arch_spec.blocks, block_counts(arch)
     for key, value in spec.items():
-        if key not in kinds:
-            raise UsageError(f"block weights: transformer keys for {arch} are {', '.join(kinds)}; got {key!r}")
+        kind = grammar.resolve_kind(key)
+        if kind is None:
+            raise UsageError(f"block weights: {arch_spec.denoiser} block kinds for {arch} are "
+                             f"{', '.join(grammar.kinds)}; got {key!r}")
+        count = counts.get(kind, 0)
         if isinstance(value, dict):
-            for span, v in value.items():
-                for i in _span(span):
-                    weights.blocks[f"{kinds[key]}.{i}"] = _number(v, f"{key}.{span}")
+            items = [(i, v, f"{key}.{span}") for span, v in value.items() for i in _span(span)]
         elif isinstance(value, list):
-            for i, v in enumerate(value):
-                weights.blocks[f"{kinds[key]}.{i}"] = _number(v, f"{key}[{i}]")
+            items = [(i, v, f"{key}[{i}]") for i, v in enumerate(value)]
         else:
-            for i in range(64):  # more blocks than any DiT has
-                weights.blocks[f"{kinds[key]}.{i}"] = _number(value, key)
+            items = [(i, value, key) for i in range(count)]
+        for i, v, where in items:
+            if i >= count:
+                raise UsageError(f"block weights: {where}: {arch_spec.label} has {count} {kind} blocks (0-{count - 1})")
+            weights.blocks[f"{kind}.{i}"] = _number(v, where)
 
 
 def _span(text) -> range:

@@ -13,15 +13,16 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from . import __version__
-from .errors import LoraMergeError, OutputPathError, UsageError
+from .version import __version__
+from .errors import LoraMergeError, UsageError
+from .outputs import check_output
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     help="Read, merge, convert, fuse, extract and live-mix LoRA adapters of diffusion models "
-    "(SD1/2, SDXL, SD3, Flux), exactly, on ΔW.",
+    "(SD1/2, SDXL, SD3, Flux and today's DiTs), exactly, on ΔW.",
 )
 err = Console(stderr=True)
 out = Console()
@@ -46,14 +47,6 @@ def parse_source(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     return spec, 1.0
-
-
-def check_output(output: Path, inputs: list[str]) -> None:
-    from .formats.write import same_file
-
-    for source in inputs:
-        if Path(source).resolve() == output.resolve() or same_file(source, output):
-            raise OutputPathError(f"output would overwrite the input {source}", output)
 
 
 def make_progress() -> Progress:
@@ -85,14 +78,14 @@ def _set_threads(threads: Optional[int]) -> None:
 def inspect(
     file: Path = typer.Argument(..., help="LoRA file (.safetensors, or a PEFT folder)"),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-    arch: Optional[str] = typer.Option(None, help="Override architecture detection (sd1, sd2, sdxl, sd3, flux)."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection (see `loramerge archs`)."),
     no_norms: bool = typer.Option(False, "--no-norms", help="Skip the per-block ‖ΔW‖ (reads no tensor data)."),
 ):
     """Architecture, format, components, module count, ranks, alphas, per-block norms, provenance."""
 
     def body():
         from . import report
-        from .merge import load
+        from .io import load
 
         summary = report.summarize(load(file, arch=arch), norms=not no_norms)
         if as_json:
@@ -114,7 +107,7 @@ def merge(
     space: Optional[str] = typer.Option(None, "--space", help="core or full: where sparsifying methods work."),
     param: List[str] = typer.Option([], "--param", "-p", help="Method parameter NAME=VALUE (repeatable)."),
     block_weights: Optional[str] = typer.Option(None, "--block-weights", help="Per-block weights for every source: preset, comma list or JSON."),
-    format: str = typer.Option("kohya", "--format", "-f", help="Output format: kohya or diffusers."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="Output format: kohya or diffusers (default: the architecture's, which every client loads)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype fp16|bf16|fp32 (default: the inputs')."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     seed: int = typer.Option(0, "--seed", help="Seed for methods that draw random numbers."),
@@ -125,8 +118,9 @@ def merge(
     """Merge LoRAs on ΔW and write one LoRA file (from arguments, or from --recipe)."""
 
     def body():
-        from .formats.write import FORMATS, resolve_dtype
-        from .merge import load, merge as merge_loras
+        from .formats.write import formats, resolve_dtype
+        from .io import load_all, save
+        from .merge import merge as merge_loras
         from .recipe import Recipe, Source, load_recipe
 
         if recipe is not None:
@@ -147,12 +141,12 @@ def merge(
         target = output or plan.output
         if target is None:
             raise UsageError("no output: give -o or output.path in the recipe")
-        if plan.format not in FORMATS:
-            raise UsageError(f"unknown format {plan.format!r}; use kohya or diffusers")
+        if plan.format is not None and plan.format not in formats():
+            raise UsageError(f"unknown format {plan.format!r}; use {' or '.join(formats())}")
         resolve_dtype(plan.dtype)
         check_output(target, [str(s.path) for s in plan.sources])
         start = time.perf_counter()
-        loras = [load(s.path, arch=arch) for s in plan.sources]
+        loras = load_all([s.path for s in plan.sources], arch=arch)
         with make_progress() as progress:
             task = progress.add_task(f"merging ({plan.method})", total=None)
 
@@ -161,7 +155,7 @@ def merge(
 
             result = merge_loras(loras, progress=tick, **plan.merge_kwargs())
         extra = {"modelspec.title": plan.title} if plan.title else None
-        result.save(target, format=plan.format, dtype=plan.dtype, metadata=extra)
+        save(result, target, format=plan.format, dtype=plan.dtype, metadata=extra)
         _print_merge_summary(result, target, time.perf_counter() - start)
 
     run_guarded(body, threads)
@@ -196,19 +190,19 @@ def _print_merge_summary(result, output: Path, seconds: float) -> None:
 def convert(
     file: Path = typer.Argument(..., help="LoRA file to convert."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
-    format: str = typer.Option("kohya", "--format", "-f", help="kohya or diffusers."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="kohya or diffusers (default: the architecture's, which every client loads)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype fp16|bf16|fp32 (default: the input's)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection."),
 ):
     """Rewrite a LoRA in another format (its ΔW unchanged)."""
 
     def body():
-        from .merge import load
+        from .io import load, save
 
         check_output(output, [str(file)])
         lora = load(file, arch=arch)
-        lora.save(output, format=format, dtype=dtype)
-        err.print(f"wrote {output}: {len(lora)} modules ({lora.arch}, {lora.format} → {format})", highlight=False, soft_wrap=True)
+        written = save(lora, output, format=format, dtype=dtype)
+        err.print(f"wrote {output}: {len(lora)} modules ({lora.arch}, {lora.format} → {written})", highlight=False, soft_wrap=True)
 
     run_guarded(body)
 
@@ -228,7 +222,6 @@ def fuse(
     def body():
         from .formats.write import resolve_dtype
         from .fuse import fuse as fuse_into
-        from .merge import load
         from .recipe import load_recipe
 
         resolve_dtype(dtype)
@@ -246,10 +239,9 @@ def fuse(
             parsed = [parse_source(x) for x in lora]
             paths, weights, kwargs = [Path(p) for p, _ in parsed], [w for _, w in parsed], {"method": "cat"}
         check_output(output, [str(base)] + [str(p) for p in paths])
-        loras = [load(p, arch=arch) for p in paths]
         with make_progress() as progress:
             task = progress.add_task("fusing", total=None)
-            report = fuse_into(base, loras, output, weights=weights, dtype=dtype,
+            report = fuse_into(base, paths, output, weights=weights, dtype=dtype, arch=arch,
                                progress=lambda done, total, key: progress.update(task, completed=done), **kwargs)
         err.print(f"wrote {report.output}: {report.modules} LoRA modules into {report.tensors_touched} of "
                   f"{report.tensors_total} tensors ({', '.join(report.components)}), {report.seconds:.1f} s",
@@ -265,7 +257,7 @@ def extract(
     output: Path = typer.Option(..., "-o", "--output", help="Output LoRA .safetensors file."),
     rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank of every module."),
     energy: Optional[float] = typer.Option(None, "--energy", help="Per module, the smallest rank keeping this fraction of ‖Δ‖²."),
-    format: str = typer.Option("kohya", "--format", "-f", help="kohya or diffusers."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="kohya or diffusers (default: the architecture's)."),
     dtype: Optional[str] = typer.Option("fp16", "--dtype", help="Output dtype fp16|bf16|fp32."),
     threshold: float = typer.Option(0.0, "--threshold", help="Skip modules whose ‖Δ‖_F is at most this."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
@@ -274,17 +266,18 @@ def extract(
 
     def body():
         from .extract import extract as extract_lora
-        from .formats.write import FORMATS, resolve_dtype
+        from .formats.write import formats, resolve_dtype
+        from .io import save
 
-        if format not in FORMATS:
-            raise UsageError(f"unknown format {format!r}; use kohya or diffusers")
+        if format is not None and format not in formats():
+            raise UsageError(f"unknown format {format!r}; use {' or '.join(formats())}")
         resolve_dtype(dtype)
         check_output(output, [str(base), str(tuned)])
         with make_progress() as progress:
             task = progress.add_task("extracting", total=None)
             lora, report = extract_lora(base, tuned, rank=rank, energy=energy, threshold=threshold,
                                         progress=lambda d, t, k: progress.update(task, completed=d, total=t))
-        lora.save(output, format=format, dtype=dtype)
+        save(lora, output, format=format, dtype=dtype)
         errors = sorted(report.errors.items(), key=lambda kv: -kv[1])
         for key, error in errors[:10]:
             out.print(f"{error:9.3e}  {key}", highlight=False)
@@ -334,11 +327,12 @@ def analyze(
 
     def body():
         from .analysis import analyze as run_analysis, write_report
-        from .merge import load, merge as merge_loras
+        from .io import load_all
+        from .merge import merge as merge_loras
 
         if len(files) < 2:
             raise UsageError("analyze needs at least two LoRA files")
-        loras = [load(f, arch=arch) for f in files]
+        loras = load_all(files, arch=arch)
         from .methods import get_method
 
         candidate = merge_loras(loras, method=method, rank=rank if get_method(method).uses_rank else None)
@@ -387,6 +381,23 @@ def methods():
         out.print(f"[bold]{m.name}[/]  {m.summary}", highlight=False, soft_wrap=True)
         for p in m.params:
             out.print(f"    {p.name} = {p.default!r}  {p.help}", highlight=False, soft_wrap=True)
+
+
+@app.command(name="archs")
+def list_archs(as_json: bool = typer.Option(False, "--json", help="Print as JSON.")):
+    """List the architectures: variants, components, formats read and written."""
+    from .formats.archs import describe
+
+    rows = describe()
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    for row in rows:
+        out.print(f"{row['name']:<14} {row['label']}", highlight=False, soft_wrap=True, markup=False)
+        out.print(f"{'':<14} variants: {', '.join(row['variants'])}", highlight=False, soft_wrap=True, markup=False)
+        out.print(f"{'':<14} reads: {', '.join(row['reads'])}", highlight=False, soft_wrap=True, markup=False)
+        out.print(f"{'':<14} writes: {', '.join(row['writes'])} (default {row['default_format']})",
+                  highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()

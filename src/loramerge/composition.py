@@ -20,7 +20,8 @@ import torch
 
 from . import tinyworld as tw
 from .lora import LoRA
-from .merge import load, merge
+from .io import load
+from .merge import merge
 from .methods import get_method
 from .runtime import attach
 

@@ -15,6 +15,7 @@ import numpy as np
 from . import composition as comp
 from . import tinyworld as tw
 from .fuse import fuse
+from .io import save
 
 METHODS = ("linear", "svd", "ties", "dare_ties", "knots", "tsv", "iso_c")
 
@@ -66,7 +67,7 @@ def run_demo(out_dir: Path = Path("loramerge-demo"), styles=("bold", "slanted"),
     reduced = max(max(m.rank for m in a), max(m.rank for m in b)) // 2
     for method in METHODS:
         merged = comp.merged_for(method, [a, b], [1.0, 1.0], reduced_rank=reduced)
-        merged.save(out_dir / f"merged_{method}.safetensors")
+        save(merged, out_dir / f"merged_{method}.safetensors")
         with comp.with_mix(pipe, {"merged": merged}, {"merged": 1.0}):
             score, images = comp.measure(pipe, f"merge: {method}", styles, per_digit, seed, denominators)
         note = f"rank {reduced}" if method == "svd" else ""

@@ -48,3 +48,11 @@ class OutputPathError(LoraMergeError):
 
 class UsageError(LoraMergeError):
     """Bad arguments (unknown method, rank and energy both given, …)."""
+
+
+class AmbiguousArchitectureError(NotALoraError):
+    """Keys and shapes fit several architectures and nothing in the file decides."""
+
+    def __init__(self, message: str, path=None, candidates: tuple[str, ...] = ()):
+        self.candidates = tuple(candidates)
+        super().__init__(message, path)

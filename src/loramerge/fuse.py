@@ -24,7 +24,8 @@ from .formats.checkpoint import Checkpoint, Placement, to_module_layout
 from .formats.safetensors_io import StreamingWriter, TensorSpec
 from .formats.write import resolve_dtype
 from .lora import LoRA, LoraModule
-from .merge import load, merge
+from .io import load_all
+from .merge import merge
 
 Progress = Callable[[int, int, str], None]
 
@@ -80,6 +81,7 @@ def fuse(
     method: str = "cat",
     progress: Progress | None = None,
     metadata: dict[str, str] | None = None,
+    arch: str | None = None,
     **merge_kwargs,
 ) -> FuseReport:
     """Write ``base`` + Σ wᵢ·ΔWᵢ (or another merge of the LoRAs) to ``output``."""
@@ -87,7 +89,7 @@ def fuse(
     ckpt = Checkpoint(base)
     output = Path(output)
     _check_output(ckpt, output, loras)
-    inputs = [x if isinstance(x, LoRA) else load(x) for x in loras]
+    inputs = load_all(loras, arch=arch, prefer=ckpt.arch)
     for lora in inputs:
         ckpt.check_arch(lora.arch, lora.path)
     merged = merge(inputs, weights, method=method, device="cpu", **merge_kwargs)

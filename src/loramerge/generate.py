@@ -13,7 +13,8 @@ from typing import Sequence
 import torch
 
 from .errors import LoraMergeError, UsageError
-from .merge import load, merge
+from .io import load
+from .merge import merge
 from .methods import get_method
 from .runtime import attach
 

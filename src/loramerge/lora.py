@@ -21,8 +21,6 @@ import torch
 
 from .errors import NonFiniteError
 
-COMPONENTS = ("unet", "transformer", "text_encoder", "text_encoder_2", "text_encoder_3")
-
 FactorLoader = Callable[[], tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -142,6 +140,7 @@ class LoRA:
         self.metadata = dict(metadata or {})
         self.path = Path(path) if path is not None else None
         self.stats: dict[str, dict[str, float]] = {}  # per-module numbers a merge measured
+        self.variant: str | None = None  # the full-size model variant the shapes fit best
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -161,8 +160,9 @@ class LoRA:
 
     @property
     def components(self) -> list[str]:
+        """The components the modules belong to, denoisers first."""
         found = {m.component for m in self}
-        return [c for c in COMPONENTS if c in found]
+        return sorted(found, key=lambda c: (c.startswith("text_encoder"), c))
 
     @property
     def dtype(self) -> torch.dtype:
@@ -174,12 +174,6 @@ class LoRA:
     def ranks(self) -> list[int]:
         return [m.rank for m in self]
 
-    def save(self, path, format: str = "kohya", dtype: torch.dtype | str | None = None, metadata=None):
-        """Write this LoRA as ``format`` ("kohya" or "diffusers"), atomically."""
-        from .formats.write import save_lora
-
-        save_lora(self, path, format=format, dtype=dtype, metadata=metadata)
-
     def materialize(self) -> "LoRA":
         """A copy whose factors live in memory (useful before the source file changes)."""
         mods = []
@@ -189,4 +183,6 @@ class LoRA:
                 m.component, m.name, up.clone(), down.clone(), m.shape, m.alpha, m.kind, m.dtype,
                 m.source, m.bias_delta() if m.bias is not None else None,
             ))
-        return LoRA(mods, self.arch, self.format, self.metadata, self.path)
+        copy = LoRA(mods, self.arch, self.format, self.metadata, self.path)
+        copy.variant = self.variant
+        return copy

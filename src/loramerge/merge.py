@@ -14,16 +14,11 @@ from typing import Callable, Sequence
 import torch
 
 from .errors import ArchitectureMismatchError, ShapeMismatchError, UsageError
-from .formats import read_lora
+from .io import load_all
 from .lora import LoRA, LoraModule
 from .methods import ModuleContext, Term, get_method
 
 ProgressFn = Callable[[int, int, str], None]
-
-
-def load(path: str | os.PathLike, arch: str | None = None) -> LoRA:
-    """Read a LoRA file (kohya, LyCORIS, diffusers/PEFT, ComfyUI/ai-toolkit Flux) or PEFT folder."""
-    return read_lora(path, arch=arch)
 
 
 def default_device() -> torch.device:
@@ -51,7 +46,7 @@ def merge(
     per input (see :mod:`loramerge.blocks`); it multiplies each module's weight. The result's
     header records the resolved recipe and each source's SHA-256.
     """
-    inputs = [x if isinstance(x, LoRA) else load(x) for x in loras]
+    inputs = load_all(loras)
     if not inputs:
         raise UsageError("nothing to merge: give at least one LoRA")
     weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]

@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from .errors import LoraMergeError
-from .formats.write import FORMATS, resolve_dtype
+from .formats.write import formats, resolve_dtype
 from .methods import METHODS, get_method
 
 TOP_LEVEL = ("sources", "method", "params", "space", "rank", "energy", "seed", "block_weights",
@@ -56,7 +56,7 @@ class Recipe:
     seed: int = 0
     block_weights: Any = None
     output: Path | None = None
-    format: str = "kohya"
+    format: str | None = None  # None: the architecture's default
     dtype: str | None = None
     title: str | None = None
     device: str | None = None
@@ -229,8 +229,8 @@ class _Validator:
             recipe.output = base / self.scalar(fields["path"], "output.path", str)
         if "format" in fields:
             fmt = self.scalar(fields["format"], "output.format", str)
-            if fmt not in FORMATS:
-                self.fail(fields["format"], "output.format", f"unknown format {fmt!r}; use {' or '.join(FORMATS)}")
+            if fmt not in formats():
+                self.fail(fields["format"], "output.format", f"unknown format {fmt!r}; use {' or '.join(formats())}")
             recipe.format = fmt
         if "dtype" in fields:
             recipe.dtype = self.scalar(fields["dtype"], "output.dtype", str)

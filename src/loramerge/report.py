@@ -13,18 +13,11 @@ from .formats import archs
 from .lora import LoRA, LoraModule
 
 
-def block_of(module: LoraModule) -> str:
-    """The block a module belongs to, for per-block summaries and block weights."""
-    parts = module.name.split(".")
-    if module.component == "unet":
-        if parts[0] in ("down_blocks", "up_blocks") and len(parts) > 1:
-            return f"unet.{parts[0]}.{parts[1]}"
-        return f"unet.{parts[0]}"
-    if module.component == "transformer":
-        if parts[0] in ("transformer_blocks", "single_transformer_blocks") and len(parts) > 1:
-            return f"transformer.{parts[0]}.{parts[1]}"
-        return "transformer.other"
-    return module.component
+def block_of(spec: archs.Architecture, module: LoraModule) -> str:
+    """The group ``inspect`` reports a module under: a denoiser block, or a text encoder."""
+    if module.component != spec.denoiser:
+        return module.component
+    return f"{module.component}.{spec.blocks.summary_group(module.name)}"
 
 
 def delta_norm(module: LoraModule) -> float:
@@ -38,7 +31,7 @@ def summarize(lora: LoRA, norms: bool = True) -> dict:
     components = collections.Counter(m.component for m in lora)
     blocks: dict[str, dict] = {}
     for m in lora:
-        entry = blocks.setdefault(block_of(m), {"modules": 0, "ranks": collections.Counter(), "norm_sq": 0.0})
+        entry = blocks.setdefault(block_of(spec, m), {"modules": 0, "ranks": collections.Counter(), "norm_sq": 0.0})
         entry["modules"] += 1
         entry["ranks"][m.rank] += 1
         if norms:
@@ -48,6 +41,7 @@ def summarize(lora: LoRA, norms: bool = True) -> dict:
         "file": str(lora.path) if lora.path else None,
         "architecture": lora.arch,
         "architecture_label": spec.label,
+        "variant": lora.variant,
         "format": lora.format,
         "dtype": str(lora.dtype).replace("torch.", ""),
         "modules": len(lora),
@@ -81,11 +75,10 @@ def _fmt(x) -> str:
 
 
 def _block_order(name: str):
+    """Denoiser first, then text encoders; blocks in their numeric order."""
     parts = name.split(".")
-    order = {"unet": 0, "transformer": 0, "text_encoder": 1, "text_encoder_2": 2, "text_encoder_3": 3}
-    kind = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2, "transformer_blocks": 0, "single_transformer_blocks": 1}
-    index = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else -1
-    return (order.get(parts[0], 9), kind.get(parts[1], 5) if len(parts) > 1 else 0, index, name)
+    numbers = [int(p) for p in parts if p.isdigit()]
+    return (parts[0].startswith("text_encoder"), parts[0], [p for p in parts if not p.isdigit()][:2], numbers, name)
 
 
 def format_summary(summary: dict) -> str:

@@ -24,7 +24,8 @@ import torch
 from .blocks import BlockWeights, parse_block_weights
 from .errors import LoraMergeError, ShapeMismatchError, UsageError
 from .lora import LoRA, LoraModule
-from .merge import load
+from .formats import archs
+from .io import load_all
 
 
 @dataclass
@@ -46,12 +47,23 @@ def _find_module(pipe, component: str, name: str) -> torch.nn.Module | None:
     return None
 
 
+def pipeline_arch(pipe) -> str | None:
+    """The architecture of a diffusers pipeline object (None when no entry knows it)."""
+    configs = {}
+    for name in ("unet", "transformer"):
+        model = getattr(pipe, name, None)
+        if model is not None and hasattr(model, "config"):
+            configs[name] = {"_class_name": type(model).__name__, **dict(model.config)}
+    found = archs.identify(type(pipe).__name__, configs)
+    return found.name if found else None
+
+
 class LiveMix:
     def __init__(self, pipe, loras: Mapping[str, LoRA | str | os.PathLike]):
         if not loras:
             raise UsageError("attach needs at least one LoRA")
         self.pipe = pipe
-        self.loras = {name: x if isinstance(x, LoRA) else load(x) for name, x in loras.items()}
+        self.loras = dict(zip(loras, load_all(list(loras.values()), prefer=pipeline_arch(pipe))))
         self.weights = {name: 1.0 for name in self.loras}
         self.block_weights: dict[str, BlockWeights | None] = {name: None for name in self.loras}
         self.scale: float | None = None  # None while unfused

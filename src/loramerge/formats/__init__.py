@@ -1,6 +1,6 @@
-"""Readers, writers and key maps of LoRA file formats."""
+"""Readers, writers, naming schemes, architecture entries and key tables of LoRA files."""
 
 from .read import read_lora
-from .write import FORMATS, save_lora
+from .write import save_lora
 
-__all__ = ["read_lora", "save_lora", "FORMATS"]
+__all__ = ["read_lora", "save_lora"]

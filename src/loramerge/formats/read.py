@@ -1,13 +1,14 @@
 """Read any common LoRA file into the canonical model.
 
-Steps: split every key into (module prefix, role); resolve each prefix to a provisional
-component and a diffusers module name (kohya flattened names, sgm block names, BFL Flux names,
-old diffusers attention-processor names, PEFT names); detect the architecture; then build one
-lazily-loaded :class:`~loramerge.lora.LoraModule` per module with its exact factors.
+Steps: split every key into (module prefix, role); let every architecture read the prefixes
+through its namings and pick the one they fit (:mod:`.detect`); then build one lazily-loaded
+:class:`~loramerge.lora.LoraModule` per canonical module with its exact factors (fused
+projections split exactly).
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import math
 import os
@@ -18,8 +19,10 @@ import torch
 
 from ..errors import NotALoraError, ShapeMismatchError, UnsupportedModuleError
 from ..lora import LoRA, LoraModule
-from . import archs, flux, keymaps, lycoris
-from .names import is_sgm_name, sgm_to_diffusers, unflatten
+from . import keymaps, lycoris
+from .detect import Reading, detect
+from .placement import Match
+from .schemes import Target
 from .sources import TensorSource, open_source
 
 # Key endings and the role they play. Regexes so PEFT adapter names (lora_A.default.weight) fit.
@@ -45,35 +48,7 @@ _ROLE_PATTERNS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\.(w_norm|b_norm)$"), "norm"),
 ]
 
-_KOHYA_PREFIXES = (
-    ("lora_unet_", "denoiser"),
-    ("lora_transformer_", "denoiser"),
-    ("lycoris_", "denoiser"),
-    ("lora_te1_", "text_encoder"),
-    ("lora_te2_", "text_encoder_2"),
-    ("lora_te3_", "te3"),
-    ("lora_te_", "text_encoder"),
-)
-_DOTTED_PREFIXES = (
-    ("unet.", "unet"),
-    ("transformer.", "transformer"),
-    ("text_encoder.", "text_encoder"),
-    ("text_encoder_2.", "text_encoder_2"),
-    ("text_encoder_3.", "text_encoder_3"),
-    ("model.diffusion_model.", "denoiser"),
-    ("diffusion_model.", "denoiser"),
-    ("text_encoders.clip_l.transformer.", "text_encoder"),
-    ("text_encoders.clip_g.transformer.", "text_encoder_2"),
-    ("text_encoders.t5xxl.transformer.", "te3"),
-    ("base_model.model.", None),
-)
-_UNET_HEADS = {"down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "conv_norm_out",
-               "time_embedding", "add_embedding", "class_embedding", "input_blocks", "middle_block",
-               "output_blocks", "time_embed", "label_emb", "out"}
-_DIT_HEADS = {"transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder",
-              "time_text_embed", "norm_out", "proj_out", "pos_embed", "double_blocks", "single_blocks",
-              "img_in", "txt_in", "time_in", "vector_in", "guidance_in", "final_layer"}
-_OLD_TEXT_PROJ = {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}
+_PEFT_WRAPPER = "base_model.model."  # PEFT's save_pretrained prefixes every key with it
 
 
 @dataclass
@@ -82,9 +57,6 @@ class RawModule:
 
     prefix: str
     roles: dict[str, str] = field(default_factory=dict)  # role (or LyCORIS suffix) → key
-    component: str | None = None  # provisional: unet/transformer/text_encoder*/denoiser/te3
-    name: str = ""  # diffusers name (or BFL name when fused)
-    fused: flux.FusedTarget | None = None
 
 
 def split_key(key: str) -> tuple[str, str] | None:
@@ -97,49 +69,6 @@ def split_key(key: str) -> tuple[str, str] | None:
                 role = match.group(1)
             return prefix, role
     return None
-
-
-def resolve_prefix(prefix: str) -> tuple[str | None, str, str]:
-    """Module prefix → (provisional component, module name, naming scheme)."""
-    for kohya, component in _KOHYA_PREFIXES:
-        if prefix.startswith(kohya):
-            return component, unflatten(prefix[len(kohya):]), "kohya"
-    for dotted, component in _DOTTED_PREFIXES:
-        if prefix.startswith(dotted):
-            name = prefix[len(dotted):]
-            return component or infer_component(name), name, "dotted"
-    return infer_component(prefix), prefix, "dotted"
-
-
-def infer_component(name: str) -> str | None:
-    head = name.split(".", 1)[0]
-    if head in _UNET_HEADS:
-        return "unet"
-    if head in _DIT_HEADS:
-        return "transformer"
-    if head in ("text_model", "encoder", "text_projection"):
-        return "text_encoder"
-    return None
-
-
-def canonical_name(component: str, name: str) -> tuple[str, str]:
-    """(diffusers module name, naming seen) for a module name in any supported scheme."""
-    if ".processor." in name:  # old diffusers attention processors
-        name = name.replace(".processor.", ".")
-    if component not in ("denoiser", "unet", "transformer"):
-        last = name.rsplit(".", 1)
-        if len(last) == 2 and last[1] in _OLD_TEXT_PROJ and ".self_attn" in name:
-            name = f"{last[0]}.{_OLD_TEXT_PROJ[last[1]]}"
-        if name.startswith("encoder.layers."):  # transformers ≥ 5 flattened CLIP
-            name = "text_model." + name
-        return name, "diffusers"
-    if name.endswith(".to_out") and ".attn" in name:
-        name += ".0"
-    if is_sgm_name(name):
-        return sgm_to_diffusers(name), "sgm"
-    if flux.is_bfl_name(name):
-        return name, "bfl"
-    return name, "diffusers"
 
 
 # --------------------------------------------------------------------------------------------
@@ -155,38 +84,31 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
         raise NotALoraError(f"{len(unplaced)} keys could not be mapped to a LoRA module: {shown}", source.path)
     if not raw_modules:
         raise NotALoraError("not a LoRA: the file holds no tensors", source.path)
-    configs = _peft_configs(source)
-    hints: set[str] = set()
-    shapes_for_detection: dict[tuple[str, str], tuple[int, ...]] = {}
-    labels: dict[tuple[str, str], str] = {}
     for raw in raw_modules:
         _check_supported(raw, source)
-        naming = _name_module(raw, source)
-        hints.add(naming)
-        for member, shape in _member_shapes(raw, source):
-            shapes_for_detection[(raw.component, member)] = shape
-            labels[(raw.component, member)] = raw.prefix
-    if arch is None:
-        arch = archs.detect(shapes_for_detection, source.path, frozenset(hints), source.metadata, labels)
-    spec = archs.spec(arch)
+    shapes = {_placed_prefix(raw): _target_shape(raw, source) for raw in raw_modules}
+    reading = detect(shapes, source.metadata, source.extra_config, arch, source.path)
+    configs = _peft_configs(source)
     modules: list[LoraModule] = []
     for raw in raw_modules:
-        component = archs.component_for(spec, raw.component)
-        if component is None:
-            raise NotALoraError(f"module {raw.prefix!r} does not belong to any {spec.label} component", source.path)
-        modules.extend(_build(raw, component, source, spec, configs))
+        match = reading.chosen[_placed_prefix(raw)]
+        modules.extend(_build(raw, match, shapes[_placed_prefix(raw)], source, reading.variant, configs))
     _check_duplicates(modules, source)
-    return LoRA(modules, arch, _format_name(hints, source), source.metadata, source.path)
+    lora = LoRA(modules, reading.arch.name, _format_name(raw_modules, reading), source.metadata, source.path)
+    lora.variant = reading.variant
+    return lora
 
 
-def _format_name(hints: set[str], source: TensorSource) -> str:
-    keys = source.keys()
-    if any(k.startswith(("lora_unet_", "lora_te", "lora_transformer_", "lycoris_")) for k in keys):
-        lyco = any(split_key(k) and split_key(k)[1].startswith(("hada_", "lokr_", "diff")) for k in keys)
-        return "lycoris" if lyco else "kohya"
-    if "bfl" in hints:
-        return "comfyui"
-    return "diffusers"
+def _placed_prefix(raw: RawModule) -> str:
+    return raw.prefix.removeprefix(_PEFT_WRAPPER)
+
+
+def _format_name(raw_modules: list[RawModule], reading: Reading) -> str:
+    """The format most of the file's modules are written in (LyCORIS when any module is)."""
+    if any(kind_of(raw) in ("loha", "lokr", "full") or "mid" in raw.roles for raw in raw_modules):
+        return "lycoris"
+    labels = collections.Counter(m.naming.label for m in reading.chosen.values())
+    return labels.most_common(1)[0][0]
 
 
 def _group(source: TensorSource) -> tuple[list[RawModule], list[str]]:
@@ -200,14 +122,7 @@ def _group(source: TensorSource) -> tuple[list[RawModule], list[str]]:
         prefix, role = parsed
         raw = groups.setdefault(prefix, RawModule(prefix))
         raw.roles[role] = key
-    for raw in groups.values():
-        component, name, _ = resolve_prefix(raw.prefix)
-        if component is None:
-            unplaced.extend(raw.roles.values())
-            raw.component = None
-        else:
-            raw.component, raw.name = component, name
-    return [g for g in groups.values() if g.component is not None], unplaced
+    return list(groups.values()), unplaced
 
 
 def _check_supported(raw: RawModule, source: TensorSource) -> None:
@@ -222,18 +137,6 @@ def _check_supported(raw: RawModule, source: TensorSource) -> None:
             f"module {raw.prefix!r} is a LyCORIS norm module (w_norm/b_norm), which has no low-rank form",
             source.path,
         )
-
-
-def _name_module(raw: RawModule, source: TensorSource) -> str:
-    name, naming = canonical_name(raw.component, raw.name)
-    raw.name = name
-    if naming == "bfl":
-        try:
-            raw.fused = flux.bfl_target(name)
-        except KeyError:
-            raise NotALoraError(f"unknown Flux module {raw.prefix!r}", source.path) from None
-        raw.component = "transformer" if raw.component == "denoiser" else raw.component
-    return naming
 
 
 def kind_of(raw: RawModule) -> str:
@@ -298,15 +201,6 @@ def _lokr_shape(shape: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
     return (out, math.prod(w1[1:]) * math.prod(w2[1:]))
 
 
-def _member_shapes(raw: RawModule, source: TensorSource):
-    shape = _target_shape(raw, source)
-    if raw.fused is None:
-        return [(raw.name, shape)]
-    ratios = raw.fused.ratios
-    unit = shape[0] // sum(ratios)
-    return [(m, (unit * r, *shape[1:])) for m, r in zip(raw.fused.members, ratios)]
-
-
 # --------------------------------------------------------------------------------------------
 # Alphas from diffusers' lora_adapter_metadata or a PEFT adapter_config.json
 
@@ -357,9 +251,10 @@ def _file_alpha(raw: RawModule, source: TensorSource) -> float | None:
     return value
 
 
-def _build(raw, component, source, spec, configs) -> list[LoraModule]:
+def _build(raw: RawModule, match: Match, shape: tuple[int, ...], source: TensorSource, variant: str,
+           configs) -> list[LoraModule]:
     kind = kind_of(raw)
-    shape = _target_shape(raw, source)
+    component, target = match.component, match.target
     dtype = source.dtype(raw.roles.get("down") or raw.roles.get("diff") or next(iter(raw.roles.values())))
     path = str(source.path)
     alpha = _file_alpha(raw, source)
@@ -375,7 +270,7 @@ def _build(raw, component, source, spec, configs) -> list[LoraModule]:
     if kind == "lora":
         rank = source.shape(raw.roles["down"])[0]
         if alpha is None:
-            alpha = _config_alpha(configs, component, raw.name, rank)
+            alpha = _config_alpha(configs, component, target.members[0], rank)
         if not alpha:  # a missing or zero alpha means scale 1
             alpha = float(rank)
         module_kind = "lora"
@@ -396,43 +291,44 @@ def _build(raw, component, source, spec, configs) -> list[LoraModule]:
         module_kind = kind
         load = lambda: lycoris.build_factors(kind, get, has, the_plan, shape)  # noqa: E731
 
-    shape = _table_shape(spec, component, raw.name, shape) if raw.fused is None else shape
-    module = LoraModule(component, raw.name, tuple(shape), rank, alpha, load, module_kind, dtype, path, bias_loader)
-    if raw.fused is None:
+    if not target.fused:
+        shape = _table_shape(variant, component, target.members[0], shape)
+    module = LoraModule(component, target.members[0], tuple(shape), rank, alpha, load, module_kind, dtype, path,
+                        bias_loader)
+    if not target.fused and not target.swaps(shape[0], module.in_features):
         return [module]
-    return split_fused(module, raw.fused, source)
+    return split_fused(module, target, source)
 
 
-def _table_shape(spec, component: str, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def _table_shape(variant: str, component: str, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Restore a conv kernel's (kh, kw) that a flattened LyCORIS factor does not carry."""
-    for variant in spec.variants:
-        ref = keymaps.table(variant).get(component, {}).get(name)
-        if ref and len(ref) == 4 and len(shape) == 2 and ref[0] == shape[0] and math.prod(ref[1:]) == shape[1]:
-            return tuple(ref)
+    ref = keymaps.table(variant).get(component, {}).get(name)
+    if ref and len(ref) > 2 and len(shape) == 2 and ref[0] == shape[0] and math.prod(ref[1:]) == shape[1]:
+        return tuple(ref)
     return shape
 
 
-def split_fused(module: LoraModule, target: flux.FusedTarget, source: TensorSource) -> list[LoraModule]:
-    """Split a BFL fused module's factors into its diffusers members (eager; Flux files only).
+def split_fused(module: LoraModule, target: Target, source: TensorSource) -> list[LoraModule]:
+    """Split a fused module's factors into its canonical members (eager), exactly.
 
     Each member keeps the rows of ``up`` that produce its outputs and the shared ``down``;
-    rank components whose up-rows are all zero for a member (kohya's block-diagonal writing)
-    contribute nothing to it and are dropped, exactly.
+    rank components whose up-rows are all zero for a member (a block-diagonal up, as kohya
+    writes fused modules) contribute nothing to it and are dropped, exactly. Swapped output
+    halves are put back in canonical order first.
     """
     up, down = module.factors()
-    if target.swap_halves:
+    if target.swaps(up.shape[0], down.shape[1]):
         shift, scale = up.chunk(2, dim=0)
         up = torch.cat([scale, shift], dim=0)
-    ratios = target.ratios
-    if up.shape[0] % sum(ratios):
+    try:
+        spans = target.rows(up.shape[0])
+    except ValueError:
         raise ShapeMismatchError(
-            f"module {target.bfl_name!r} has {up.shape[0]} outputs, not divisible into {ratios}", source.path
-        )
-    unit = up.shape[0] // sum(ratios)
-    members, start = [], 0
-    for name, ratio in zip(target.members, ratios):
-        rows = up[start : start + unit * ratio]
-        start += unit * ratio
+            f"module {target.name!r} has {up.shape[0]} outputs, not divisible into {target.ratios}", source.path
+        ) from None
+    members = []
+    for name, (start, end) in zip(target.members, spans):
+        rows = up[start:end]
         keep = rows.abs().sum(dim=0) != 0
         if not bool(keep.any()):
             continue

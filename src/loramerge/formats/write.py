@@ -1,26 +1,36 @@
-"""Writers: kohya format (what A1111, Forge and ComfyUI load; sgm names for SDXL, BFL names for
-Flux, diffusers names for SD1/SD2 — as kohya sd-scripts writes them) and diffusers/PEFT format
-with ``lora_adapter_metadata`` so per-module ranks and alphas survive a round trip.
+"""Writers: every architecture's output formats (:attr:`Architecture.formats`), so files load
+exactly in the clients people use.
+
+Scales are folded so a file's meaning does not depend on how a reader finds alphas:
+- kohya files (lora_down/lora_up/.alpha): one alpha for every module of the file; each
+  module's own scale is folded into its up factor (ΔW unchanged). diffusers' SDXL kohya
+  converter, for one, looks some alphas up under the wrong names and falls back to the most
+  common one — a file with one alpha is read exactly by every client.
+- PEFT-style files (lora_A/lora_B): the scale is folded in completely (alpha = rank), so
+  ΔW = lora_B @ lora_A with or without ``lora_adapter_metadata`` (ComfyUI reads none); the
+  metadata is still written and agrees.
+All folding happens in float32 before the one cast to the output dtype; what is written is
+checked for finiteness after the cast.
 """
 
 from __future__ import annotations
 
 import collections
 import json
-import os
+import math
 import warnings
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
-from .. import __version__
-from ..errors import LoraMergeError, UsageError
+from ..version import __version__
+from ..errors import LoraMergeError, NonFiniteError, UsageError
 from ..lora import LoRA, LoraModule, all_finite
-from . import archs, flux
-from .names import diffusers_to_sgm, flatten
+from . import archs
+from .archs import Architecture, Naming
 from .safetensors_io import save_file
+from .schemes import Target, flatten
 
-FORMATS = ("kohya", "diffusers")
 _DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -31,149 +41,204 @@ _STALE_FIELDS = {"format", "lora_adapter_metadata", "sshs_model_hash", "sshs_leg
                  "modelspec.hash_sha256", "ss_network_dim", "ss_network_alpha", "ss_network_args"}
 
 
+def formats() -> tuple[str, ...]:
+    """Every output format some architecture writes."""
+    return tuple(sorted({f for a in archs.registry().values() for f in a.formats}))
+
+
 def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return _DTYPES[dtype.lower()]
+        return _DTYPES[str(dtype).lower()]
     except KeyError:
         raise UsageError(f"unknown dtype {dtype!r}; use fp16, bf16 or fp32") from None
 
 
-def save_lora(lora: LoRA, path, format: str = "kohya", dtype=None, metadata: dict[str, str] | None = None):
-    """Write ``lora`` to ``path`` atomically. ``metadata`` adds or overrides header fields."""
-    if format not in FORMATS:
-        raise UsageError(f"unknown format {format!r}; use {' or '.join(FORMATS)}")
+def resolve_format(arch: Architecture, format: str | None) -> str:
+    if format is None:
+        return arch.default_format
+    if format not in arch.formats:
+        raise UsageError(f"{arch.label} LoRAs are written as {' or '.join(arch.formats)}, not {format!r}")
+    return format
+
+
+def save_lora(lora: LoRA, path, format: str | None = None, dtype=None, metadata: dict[str, str] | None = None) -> str:
+    """Write ``lora`` to ``path`` atomically; returns the format written (default: the
+    architecture's, the one every client loads). ``metadata`` adds or overrides header fields."""
+    arch = archs.spec(lora.arch)
+    format = resolve_format(arch, format)
     dtype = resolve_dtype(dtype) or lora.dtype
-    spec = archs.spec(lora.arch)
-    if format == "kohya":
-        tensors = kohya_tensors(lora, spec, dtype)
-    else:
-        tensors = diffusers_tensors(lora, dtype)
-    header = build_header(lora, spec, format, metadata)
-    save_file(path, tensors, header)
+    groups = group_modules(lora, arch, format)
+    alpha = file_alpha(groups) if _style(arch, format) == "kohya" else None
+    tensors: dict[str, torch.Tensor] = {}
+    for group in groups:
+        group.put(tensors, dtype, alpha)
+    _check_written(tensors, lora)
+    save_file(path, tensors, build_header(lora, arch, format, alpha, metadata))
+    return format
 
 
-def _storage_factors(module: LoraModule, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down) laid out as the target layer stores them: conv factors are 4-D."""
-    up, down = module.load()
-    up = up.reshape(module.out_features, module.rank)
-    down = down.reshape(module.rank, module.in_features)
-    if module.is_conv:
-        up = up.reshape(*up.shape, 1, 1)
-        down = down.reshape(module.rank, *module.shape[1:])
-    if not (all_finite(up) and all_finite(down)):
-        from ..errors import NonFiniteError
-
-        raise NonFiniteError(f"module {module.key} holds NaN or Inf values", module.source)
-    return up.to(dtype).contiguous(), down.to(dtype).contiguous()
+def _style(arch: Architecture, format: str) -> str:
+    return next(iter(arch.formats[format].values())).style
 
 
 # --------------------------------------------------------------------------------------------
-# kohya
+# grouping canonical modules into the modules a format writes (fused projections re-fused)
 
 
-def kohya_name(spec: archs.ArchSpec, module: LoraModule) -> str:
-    prefix = spec.kohya_prefix.get(module.component)
-    if prefix is None:
-        raise LoraMergeError(f"{spec.label} has no kohya prefix for component {module.component!r}")
-    name = module.name
-    if module.component == "unet" and spec.kohya_naming == "sgm":
-        name = diffusers_to_sgm(name, spec.unet_layout)
-    return prefix + flatten(name)
+@dataclass
+class Group:
+    """One written module: a naming's target and the canonical modules it holds."""
+
+    key: str  # the module's key prefix in the file
+    naming: Naming
+    target: Target
+    members: dict[int, LoraModule]  # position in the target → module
+
+    @property
+    def alphas(self) -> list[float]:
+        """The alphas a one-alpha file would fold exactly (plain modules: their own)."""
+        return [m.alpha for m in self.members.values()] if self.simple else []
+
+    @property
+    def simple(self) -> bool:
+        return not self.target.fused
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(up, down, scale) in float32 with scale·up@down the written module's ΔW."""
+        if self.simple:
+            module = self.members[0]
+            up, down = module.factors()
+            return _swap(self.target, up, down.shape[1]), down, module.scale
+        return fuse_members(self.target, self.members)
+
+    def put(self, tensors: dict, dtype: torch.dtype, alpha: float | None) -> None:
+        up, down, scale = self.factors()
+        rank = up.shape[1]
+        # fold: alpha/rank·up'·down = scale·up·down  (alpha None: PEFT style, alpha = rank)
+        factor = scale * rank / alpha if alpha is not None else scale
+        if factor != 1.0:
+            up = up * factor
+        shape = self._shape()
+        if len(shape) > 2:  # conv factors as the layer stores them
+            up = up.reshape(*up.shape, *([1] * (len(shape) - 2)))
+            down = down.reshape(rank, *shape[1:])
+        bias = self._bias()
+        if self.naming.style == "kohya":
+            tensors[f"{self.key}.lora_up.weight"] = up.to(dtype).contiguous()
+            tensors[f"{self.key}.lora_down.weight"] = down.to(dtype).contiguous()
+            tensors[f"{self.key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
+            if bias is not None:
+                tensors[f"{self.key}.diff_b"] = bias.to(dtype).contiguous()
+        else:
+            tensors[f"{self.key}.lora_A.weight"] = down.to(dtype).contiguous()
+            tensors[f"{self.key}.lora_B.weight"] = up.to(dtype).contiguous()
+            if bias is not None:  # PEFT scales lora_B's bias like its weight; the scale is 1 here
+                tensors[f"{self.key}.lora_B.bias"] = bias.to(dtype).contiguous()
+
+    def _shape(self) -> tuple[int, ...]:
+        if self.simple:
+            return self.members[0].shape
+        return (sum_rows(self.target, self.members), self.members[next(iter(self.members))].shape[1])
+
+    def _bias(self) -> torch.Tensor | None:
+        biases = {p: m.bias_delta() for p, m in self.members.items() if m.bias is not None}
+        if not biases:
+            return None
+        if self.simple:
+            return _swap(self.target, biases[0], self.members[0].in_features)
+        raise LoraMergeError(f"module {self.target.name}: bias deltas of fused projections cannot be written yet")
 
 
-def kohya_tensors(lora: LoRA, spec: archs.ArchSpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    tensors: dict[str, torch.Tensor] = {}
-    fused_groups: dict[str, dict[int, LoraModule]] = collections.defaultdict(dict)
-    targets: dict[str, flux.FusedTarget] = {}
+def group_modules(lora: LoRA, arch: Architecture, format: str) -> list[Group]:
+    groups: dict[str, Group] = {}
     for module in lora:
-        if module.component == "transformer" and spec.kohya_naming == "bfl":
-            try:
-                target, position = flux.diffusers_to_bfl(module.name)
-            except KeyError:
-                raise LoraMergeError(f"module {module.key} has no Flux (BFL) name for kohya format") from None
-            fused_groups[target.bfl_name][position] = module
-            targets[target.bfl_name] = target
-            continue
-        up, down = _storage_factors(module, dtype)
-        _put_kohya(tensors, kohya_name(spec, module), up, down, module.alpha, module.bias_delta(), dtype)
-    outside_blocks = sorted(n for n in fused_groups if not n.startswith(("double_blocks", "single_blocks")))
-    if outside_blocks:
-        warnings.warn(
-            f"kohya-format Flux modules outside the blocks ({', '.join(outside_blocks)}) load in ComfyUI and "
-            "sd-scripts, but diffusers (≤ 0.42) drops them silently; write --format diffusers for diffusers",
-            stacklevel=3,
-        )
-    for bfl_name, members in fused_groups.items():
-        up, down, alpha = fuse_members(targets[bfl_name], members, dtype)
-        key = spec.kohya_prefix["transformer"] + flatten(bfl_name)
-        _put_kohya(tensors, key, up, down, alpha, None, dtype)
-    return tensors
+        naming = arch.naming(format, module.component)
+        if naming is None:
+            raise LoraMergeError(f"{format} format has no names for {arch.label} component {module.component!r} "
+                                 f"(module {module.key})")
+        encoded = naming.scheme.encode(module.name)
+        if encoded is None:
+            raise LoraMergeError(f"module {module.key} has no {naming.scheme.name} name for {format} format")
+        target, position = encoded
+        key = naming.prefix + (flatten(target.name) if naming.flat else target.name)
+        group = groups.setdefault(key, Group(key, naming, target, {}))
+        group.members[position] = module
+    return [groups[k] for k in sorted(groups)]
 
 
-def _put_kohya(tensors, key, up, down, alpha, bias, dtype) -> None:
-    tensors[f"{key}.lora_up.weight"] = up
-    tensors[f"{key}.lora_down.weight"] = down
-    tensors[f"{key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
-    if bias is not None:
-        tensors[f"{key}.diff_b"] = bias.to(dtype).contiguous()
+def file_alpha(groups: list[Group]) -> float:
+    """The one alpha of a kohya file: the alpha that lets the most modules' folds be exact.
+
+    A module of alpha a written with the file's alpha A gets its up factor multiplied by a/A;
+    when that is a power of two the multiplication is exact in every float format, so an
+    fp16/bf16 input converted to fp16/bf16 keeps its bits up to the exponent. Ties go to the
+    most common alpha (most folds are then × 1, nothing changes).
+    """
+    alphas = collections.Counter(a for g in groups for a in g.alphas if a > 0)
+    if not alphas:
+        return 1.0
+
+    def exact(candidate: float) -> int:
+        return sum(n for a, n in alphas.items() if math.frexp(a / candidate)[0] == 0.5)
+
+    return max(alphas, key=lambda a: (exact(a), alphas[a], -a))
 
 
-def fuse_members(target: flux.FusedTarget, members: dict[int, LoraModule], dtype: torch.dtype):
-    """One BFL module's (up, down, alpha) from its diffusers members, exactly.
+def _swap(target: Target, rows: torch.Tensor, cols: int) -> torch.Tensor:
+    """Canonical (scale, shift) rows → the scheme's (shift, scale), where the target swaps."""
+    if not target.swaps(rows.shape[0], cols):
+        return rows
+    first, second = rows.chunk(2, dim=0)
+    return torch.cat([second, first], dim=0)
+
+
+def sum_rows(target: Target, members: dict[int, LoraModule]) -> int:
+    position, module = next(iter(members.items()))
+    unit = module.out_features // target.ratios[position]
+    return unit * sum(target.ratios)
+
+
+def fuse_members(target: Target, members: dict[int, LoraModule]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One fused module's (up, down, scale) from its canonical members, exactly.
 
     Members sharing one down factor and one scale (what a split kohya file gives back) stack
     their up factors at the original rank; otherwise the up factor is block-diagonal over the
-    members' ranks (rows of absent members are zero), with every scale folded in (alpha = rank).
+    members' ranks (rows of absent members are zero), every member's scale folded in.
     """
-    ratios = target.ratios
-    some = next(iter(members.values()))
-    unit = some.out_features // ratios[next(iter(members))]
-    if len(target.members) == 1:
-        up, down = _storage_factors(some, dtype)
-        if target.swap_halves:
-            scale, shift = up.chunk(2, dim=0)
-            up = torch.cat([shift, scale], dim=0)
-        return up, down, some.alpha
     factors = {p: m.factors() for p, m in members.items()}
-    same = (
-        len(members) == len(target.members)
-        and len({(m.rank, m.alpha) for m in members.values()}) == 1
-        and all(torch.equal(factors[p][1], factors[0][1]) for p in factors)
-    )
-    if same:
+    some = next(iter(members.values()))
+    if (len(members) == len(target.members) and len({(m.rank, m.alpha) for m in members.values()}) == 1
+            and all(torch.equal(factors[p][1], factors[0][1]) for p in factors)):
         up = torch.cat([factors[p][0] for p in range(len(target.members))], dim=0)
-        return up.to(dtype), factors[0][1].to(dtype), some.alpha
+        return up, factors[0][1], some.scale
+    total_rows = sum_rows(target, members)
+    spans = target.rows(total_rows)
     total_rank = sum(m.rank for m in members.values())
-    up = torch.zeros(unit * sum(ratios), total_rank)
-    downs, col, row = [], 0, 0
-    for position, ratio in enumerate(ratios):
-        rows = unit * ratio
+    up = torch.zeros(total_rows, total_rank)
+    downs, col = [], 0
+    for position, (start, end) in enumerate(spans):
         if position in members:
             m_up, m_down = factors[position]
-            r = m_up.shape[1]
-            up[row : row + rows, col : col + r] = m_up * members[position].scale
+            up[start:end, col:col + m_up.shape[1]] = m_up * members[position].scale
             downs.append(m_down)
-            col += r
-        row += rows
-    return up.to(dtype), torch.cat(downs, dim=0).to(dtype), float(total_rank)
+            col += m_up.shape[1]
+    return up, torch.cat(downs, dim=0), 1.0
+
+
+def _check_written(tensors: dict[str, torch.Tensor], lora: LoRA) -> None:
+    """What is written must be finite after the cast (fp16 overflows above 65504)."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not all_finite(tensor):
+            dtype = str(tensor.dtype).replace("torch.", "")
+            raise NonFiniteError(
+                f"tensor {key} is not finite after the cast to {dtype} (values beyond its range); "
+                "write --dtype bf16 or fp32", lora.path)
 
 
 # --------------------------------------------------------------------------------------------
-# diffusers / PEFT
-
-
-def diffusers_tensors(lora: LoRA, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    tensors = {}
-    for module in lora:
-        up, down = _storage_factors(module, dtype)
-        tensors[f"{module.key}.lora_A.weight"] = down
-        tensors[f"{module.key}.lora_B.weight"] = up
-        bias = module.bias_delta()
-        if bias is not None:  # PEFT scales lora_B's bias like its weight
-            tensors[f"{module.key}.lora_B.bias"] = (bias / module.scale).to(dtype).contiguous()
-    return tensors
+# diffusers' lora_adapter_metadata and the header
 
 
 def _peft_target(name: str) -> str:
@@ -184,17 +249,17 @@ def _peft_target(name: str) -> str:
 
 
 def adapter_metadata(lora: LoRA) -> dict:
-    """diffusers' ``lora_adapter_metadata``: a LoraConfig per component, keys prefixed."""
+    """diffusers' ``lora_adapter_metadata``: a LoraConfig per component, keys prefixed. The
+    factors hold every scale, so each module's alpha equals its rank."""
     flat = {}
     for component in lora.components:
         mods = [m for m in lora if m.component == component]
         r = collections.Counter(m.rank for m in mods).most_common(1)[0][0]
-        alpha = collections.Counter(m.alpha for m in mods).most_common(1)[0][0]
         config = {
             "r": r,
-            "lora_alpha": alpha,
+            "lora_alpha": r,
             "rank_pattern": {_peft_target(m.name): m.rank for m in mods if m.rank != r},
-            "alpha_pattern": {_peft_target(m.name): m.alpha for m in mods if m.alpha != alpha},
+            "alpha_pattern": {_peft_target(m.name): m.rank for m in mods if m.rank != r},
             "target_modules": sorted(_peft_target(m.name) for m in mods),
             "use_dora": False,
             "use_rslora": False,
@@ -204,29 +269,27 @@ def adapter_metadata(lora: LoRA) -> dict:
     return flat
 
 
-# --------------------------------------------------------------------------------------------
-# header
-
-
 def _number(x: float) -> str:
     return str(int(x)) if float(x).is_integer() else repr(float(x))
 
 
-def build_header(lora: LoRA, spec: archs.ArchSpec, format: str, extra: dict[str, str] | None) -> dict[str, str]:
+def build_header(lora: LoRA, arch: Architecture, format: str, alpha: float | None,
+                 extra: dict[str, str] | None) -> dict[str, str]:
     header = {k: v for k, v in lora.metadata.items() if k not in _STALE_FIELDS}
     ranks = {m.rank for m in lora}
-    alphas = {m.alpha for m in lora}
+    ident = arch.identity
     header.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": _number(ranks.pop()) if len(ranks) == 1 else "Dynamic",
-        "ss_network_alpha": _number(alphas.pop()) if len(alphas) == 1 else "Dynamic",
-        "ss_base_model_version": spec.ss_base_model_version,
+        "ss_base_model_version": ident.ss_base_model_version,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": spec.modelspec_architecture,
-        "modelspec.implementation": "diffusers" if format == "diffusers" else spec.modelspec_implementation,
-        "modelspec.resolution": header.get("modelspec.resolution", spec.resolution),
+        "modelspec.architecture": ident.modelspec_architecture,
+        "modelspec.implementation": "diffusers" if format == "diffusers" else ident.implementation,
+        "modelspec.resolution": header.get("modelspec.resolution", ident.resolution),
         "loramerge.version": __version__,
     })
+    if alpha is not None:
+        header["ss_network_alpha"] = _number(alpha)
     header.setdefault("modelspec.title", lora.path.stem if lora.path else "loramerge")
     if format == "diffusers":
         header["format"] = "pt"
@@ -237,11 +300,3 @@ def build_header(lora: LoRA, spec: archs.ArchSpec, format: str, extra: dict[str,
         else:
             header[key] = str(value)
     return header
-
-
-def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """True when two paths name one existing file (so an input is never overwritten)."""
-    try:
-        return Path(a).exists() and Path(b).exists() and os.path.samefile(a, b)
-    except OSError:
-        return False

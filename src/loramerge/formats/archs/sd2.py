@@ -1,0 +1,30 @@
+"""Stable Diffusion 2.x: the SD1 UNet at cross-attention width 1024 + OpenCLIP ViT-H/14."""
+
+from ..blockgrammar import SD_VECTORS, UnetBlocks
+from ..schemes.diffusers import DIFFUSERS, HF_TEXT
+from ..schemes.openclip import OPENCLIP
+from . import Architecture, Identity, Naming
+from ._common import OPENCLIP_H, STABILITY, kohya, peft, text_encoder
+from .sd1 import SGM, UP_WITH_ATTENTION, unet, unet_config
+
+ARCH = Architecture(
+    name="sd2",
+    label="Stable Diffusion 2.x",
+    denoiser="unet",
+    components=(
+        unet(SGM),
+        text_encoder("text_encoder", ("lora_te_",), single_file=(Naming("cond_stage_model.model.", OPENCLIP),)),
+    ),
+    variants={"sd2": {"unet": unet_config(1024, [5, 10, 20, 20], use_linear_projection=True, sample_size=96),
+                      "text_encoder": OPENCLIP_H}},
+    formats={
+        "kohya": {"unet": kohya("lora_unet_", DIFFUSERS), "text_encoder": kohya("lora_te_", HF_TEXT)},
+        "diffusers": {"unet": peft("unet.", DIFFUSERS), "text_encoder": peft("text_encoder.", HF_TEXT)},
+    },
+    default_format="kohya",
+    identity=Identity("sd_v2", "stable-diffusion-v2-768-v/lora", STABILITY, "768x768",
+                      ss_aliases=("sd_v2", "sd2", "v2"), modelspec_aliases=("stable-diffusion-v2",),
+                      base_models=("stable-diffusion-2", "sd-v2", "sd2", "sd21")),
+    blocks=UnetBlocks(UP_WITH_ATTENTION, down_blocks=4, vectors=SD_VECTORS),
+    pipelines=(),  # SD2 folders use StableDiffusionPipeline too: told apart from SD1 by width
+)

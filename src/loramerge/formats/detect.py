@@ -1,0 +1,130 @@
+"""Which architecture a LoRA belongs to, from its keys, their shapes and what the file says.
+
+1. Every architecture tries to place every module (:mod:`.placement`): first with exact names,
+   then — if no architecture places them all — up to layer numbers (larger custom models).
+2. Among those that place everything, full-size shapes: the architecture (and variant) whose
+   real modules have the most of the file's shapes.
+3. Among those that fit equally, the file's own words decide: ``ss_base_model_version``,
+   ``modelspec.architecture``, a PEFT folder's ``base_model_name_or_path`` (kohya's and ComfyUI's
+   key prefixes already narrowed the field in step 1: ``lora_te_`` exists only in SD1/SD2…).
+   A header contradicted by the shapes loses: files copy headers, not shapes.
+4. Still several? The file fits each of them equally: :class:`AmbiguousArchitectureError` names
+   the candidates and asks for ``--arch``; nothing is picked silently.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from ..errors import AmbiguousArchitectureError, NotALoraError
+from . import archs, keymaps
+from .archs import Architecture
+from .placement import Match, matches
+
+Shape = tuple[int, ...]
+
+
+@dataclass
+class Reading:
+    """An architecture's reading of a file: which match each module prefix gets."""
+
+    arch: Architecture
+    variant: str
+    chosen: dict[str, Match]
+    misfits: list[str] = field(default_factory=list)
+    shape_hits: int = 0
+    also: tuple[str, ...] = ()  # variants that fit as well as ``variant``
+
+
+def flat(shape: Shape) -> tuple[int, int]:
+    return (shape[0], math.prod(shape[1:])) if shape else (0, 0)
+
+
+def member_shapes(match: Match, shape: Shape) -> list[tuple[str, Shape]] | None:
+    """The canonical modules a match covers, with their weight shapes (None: rows don't split)."""
+    target = match.target
+    if not target.fused:
+        return [(target.members[0], shape)]
+    try:
+        spans = target.rows(shape[0])
+    except ValueError:
+        return None
+    return [(m, (b - a, *shape[1:])) for m, (a, b) in zip(target.members, spans)]
+
+
+def _fits(match: Match, shape: Shape, table: dict) -> bool:
+    members = member_shapes(match, shape)
+    if not members:
+        return False
+    known = table.get(match.component, {})
+    return all(m in known and flat(known[m]) == flat(s) for m, s in members)
+
+
+def read_as(arch: Architecture, modules: dict[str, Shape], exact_only: bool) -> Reading:
+    """Place every module prefix on ``arch``; pick the variant whose shapes fit best."""
+    options: dict[str, list[Match]] = {}
+    misfits = []
+    for prefix, shape in modules.items():
+        found = [m for m in matches(arch, prefix) if (m.exact or not exact_only) and member_shapes(m, shape)]
+        if found:
+            options[prefix] = found
+        else:
+            misfits.append(prefix)
+    tables = {v: keymaps.table(v) for v in arch.variants}
+    hits = {v: sum(any(_fits(m, modules[p], t) for m in ms) for p, ms in options.items()) for v, t in tables.items()}
+    best = max(hits.values())
+    ranked = [v for v in arch.variants if hits[v] == best]
+    table = tables[ranked[0]]
+    chosen = {p: next((m for m in ms if _fits(m, modules[p], table)), ms[0]) for p, ms in options.items()}
+    return Reading(arch, ranked[0], chosen, misfits, best, tuple(ranked[1:]))
+
+
+def claims(metadata: dict[str, str], config: dict | None) -> tuple[set[str], list[str]]:
+    """Architectures the file's own header or adapter config names, and where it says so."""
+    found: set[str] = set()
+    said: list[str] = []
+    version = str(metadata.get("ss_base_model_version", "")).lower()
+    modelspec = str(metadata.get("modelspec.architecture", "")).lower()
+    base = str((config or {}).get("base_model_name_or_path") or "").lower() if isinstance(config, dict) else ""
+    for arch in archs.registry().values():
+        ident = arch.identity
+        if version and any(version.startswith(a) for a in ident.ss_aliases):
+            found.add(arch.name), said.append(f"ss_base_model_version={version!r}")
+        if modelspec and any(modelspec.startswith(a) for a in ident.modelspec_aliases):
+            found.add(arch.name), said.append(f"modelspec.architecture={modelspec!r}")
+        if base and any(b in base for b in ident.base_models):
+            found.add(arch.name), said.append(f"base_model_name_or_path={base!r}")
+    return found, sorted(set(said))
+
+
+def detect(modules: dict[str, Shape], metadata: dict[str, str], config: dict | None = None,
+           forced: str | None = None, path=None) -> Reading:
+    """The reading of ``modules`` ({module prefix: weight shape}) by the architecture they fit."""
+    candidates = [archs.spec(forced)] if forced else list(archs.registry().values())
+    readings: list[Reading] = []
+    for exact_only in (True, False):
+        readings = [read_as(a, modules, exact_only) for a in candidates]
+        placed = [r for r in readings if not r.misfits]
+        if placed:
+            break
+    else:
+        closest = min(readings, key=lambda r: len(r.misfits))
+        shown = ", ".join(closest.misfits[:8]) + (f" and {len(closest.misfits) - 8} more" if len(closest.misfits) > 8 else "")
+        where = f"a {closest.arch.name} LoRA" if forced else f"any known architecture (closest: {closest.arch.name})"
+        raise NotALoraError(f"cannot place {len(closest.misfits)} of {len(modules)} modules on {where}; "
+                            f"unmapped: {shown}", path)
+    best = max(r.shape_hits for r in placed)
+    top = [r for r in placed if r.shape_hits == best]
+    if len(top) == 1:
+        return top[0]
+    claimed, said = claims(metadata, config)
+    agreeing = [r for r in top if r.arch.name in claimed]
+    if len(agreeing) == 1:
+        return agreeing[0]
+    top = agreeing or top
+    names = tuple(r.arch.name for r in top)
+    why = f" (the header says {', '.join(said)}, which does not decide)" if said else ""
+    raise AmbiguousArchitectureError(
+        f"keys and shapes fit {len(names)} architectures equally: {', '.join(names)}{why}; "
+        f"give --arch {names[0]} (or one of the others)", path, names)

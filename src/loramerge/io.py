@@ -1,0 +1,47 @@
+"""Reading and writing LoRA files: the two calls the rest of the package and users share."""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from .errors import AmbiguousArchitectureError
+from .formats import read_lora, save_lora
+from .lora import LoRA
+
+
+def load(path: str | os.PathLike, arch: str | None = None) -> LoRA:
+    """Read a LoRA file (kohya, LyCORIS, diffusers/PEFT, ComfyUI, ai-toolkit…) or PEFT folder."""
+    return read_lora(path, arch=arch)
+
+
+def load_all(sources: Sequence[LoRA | str | os.PathLike], arch: str | None = None,
+             prefer: str | None = None) -> list[LoRA]:
+    """Read several LoRAs meant to be used together. A file that fits several architectures
+    equally is read as the architecture its context has (``prefer``: the base model's or the
+    pipeline's), else the one architecture all the other files agree on, when there is one."""
+    loaded: dict[int, LoRA] = {}
+    ambiguous: dict[int, AmbiguousArchitectureError] = {}
+    for i, source in enumerate(sources):
+        if isinstance(source, LoRA):
+            loaded[i] = source
+            continue
+        try:
+            loaded[i] = load(source, arch)
+        except AmbiguousArchitectureError as exc:
+            ambiguous[i] = exc
+    if ambiguous:
+        settled = {prefer} if prefer else {lora.arch for lora in loaded.values()}
+        for i, exc in ambiguous.items():
+            agreed = settled & set(exc.candidates)
+            if len(agreed) != 1:
+                raise exc
+            loaded[i] = load(sources[i], agreed.pop())
+    return [loaded[i] for i in range(len(sources))]
+
+
+def save(lora: LoRA, path: str | os.PathLike, format: str | None = None, dtype=None,
+         metadata: dict[str, str] | None = None) -> str:
+    """Write ``lora`` atomically in ``format`` (default: the one every client loads for its
+    architecture); returns the format written."""
+    return save_lora(lora, path, format=format, dtype=dtype, metadata=metadata)
