@@ -118,7 +118,8 @@ def test_recipe_runs_and_is_embedded(sd1_pair, tmp_path):
     embedded = json.loads(merged.metadata["loramerge.recipe"])
     assert embedded["method"] == "svd" and embedded["rank"] == 4
     assert [s["weight"] for s in embedded["sources"]] == [0.7, 0.8]
-    assert embedded["sources"][0]["block_weights"]["blocks"]["IN01"] == 0.0
+    assert embedded["sources"][0]["block_weights"]["blocks"]["IN01"] == 0.0  # resolved; a recipe re-reads it
+    assert embedded["output"] == {"format": "diffusers", "dtype": "fp16", "title": "my merge"}
     assert all(len(s["sha256"]) == 64 for s in embedded["sources"])
     # the same recipe again: byte-identical
     first = (tmp_path / "out.safetensors").read_bytes()
@@ -165,4 +166,46 @@ def test_recipe_missing_source_and_bad_fields_name_the_line(sd1_pair, tmp_path):
         rank: 4
         """, "c.yaml")
     with pytest.raises(RecipeError, match=r"line 3: method 'linear' does not take a rank"):
+        load_recipe(recipe)
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "loramerge", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+
+
+def test_embedded_recipe_reruns_to_the_same_bytes(sd1_pair, tmp_path):
+    out = tmp_path / "m.safetensors"
+    proc = run_cli("merge", sd1_pair / "a.safetensors", f"{sd1_pair / 'b.safetensors'}:-0.4", "--method", "ties",
+                   "-p", "density=0.3", "--block-weights", "OUTALL", "--dtype", "fp16", "--title", "t", "-o", out)
+    assert proc.returncode == 0, proc.stderr
+    proc = run_cli("inspect", "--recipe", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "r.yaml").write_text(proc.stdout)
+    proc = run_cli("merge", "--recipe", "r.yaml", "-o", "again.safetensors", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "again.safetensors").read_bytes() == out.read_bytes()
+
+
+def test_flags_with_a_recipe_are_refused_not_ignored(sd1_pair, tmp_path):
+    recipe = write(tmp_path, f"""\
+        sources: [{sd1_pair / 'a.safetensors'}]
+        method: svd
+        rank: 2
+        output: out.safetensors
+        """)
+    for flag in (["--method", "linear"], ["--rank", "3"], ["--dtype", "fp16"], ["--seed", "1"], ["--format", "diffusers"]):
+        proc = run_cli("merge", "--recipe", recipe, *flag)
+        assert proc.returncode == 2 and flag[0] in proc.stderr and "--recipe" in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_changed_source_is_named(sd1_pair, tmp_path):
+    recipe = write(tmp_path, f"""\
+        sources:
+          - path: {sd1_pair / 'a.safetensors'}
+            sha256: {"0" * 64}
+        output: out.safetensors
+        """)
+    with pytest.raises(RecipeError, match=r"line 3: sources\[0\]\.sha256: a.safetensors has changed"):
         load_recipe(recipe)

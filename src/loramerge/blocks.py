@@ -83,6 +83,8 @@ def block_counts(arch: str) -> dict[str, int]:
     """How many blocks of each kind the architecture's largest variant has (DiT grammars)."""
     spec = archs.spec(arch)
     counts: dict[str, int] = {}
+    if spec.blocks.kind != "transformer":
+        return counts
     for variant in spec.variants:
         for name in keymaps.table(variant).get(spec.denoiser, {}):
             block = spec.blocks.block_of(name)
@@ -139,7 +141,12 @@ def from_vector(values: list[float], arch: str) -> BlockWeights:
     return weights
 
 
+_RESOLVED = {"blocks", "components", "patterns"}
+
+
 def from_dict(spec: dict, arch: str) -> BlockWeights:
+    if spec and set(spec) <= _RESOLVED:  # the resolved form a merged file's recipe records
+        return _from_resolved(spec, arch)
     weights = BlockWeights(arch)
     arch_spec = archs.spec(arch)
     if any(k in spec for k in ("down", "mid", "up")):  # a bare UNet dict
@@ -156,6 +163,25 @@ def from_dict(spec: dict, arch: str) -> BlockWeights:
         else:
             raise UsageError(f"block weights: {key!r} is not a component of {arch_spec.label} "
                              f"({', '.join(arch_spec.components)}) nor a module pattern")
+    return weights
+
+
+def _from_resolved(spec: dict, arch: str) -> BlockWeights:
+    weights = BlockWeights(arch)
+    valid = {b for vector in getattr(archs.spec(arch).blocks, "vectors", {}).values() for b in vector}
+    valid |= {f"{kind}.{i}" for kind, n in block_counts(arch).items() for i in range(n)}
+    for block, value in (spec.get("blocks") or {}).items():
+        if block not in valid:
+            raise UsageError(f"block weights: {archs.spec(arch).label} has no block {block!r}")
+        weights.blocks[block] = _number(value, f"blocks.{block}")
+    for component, value in (spec.get("components") or {}).items():
+        if component not in archs.spec(arch).component_names:
+            raise UsageError(f"block weights: {component!r} is not a component of {archs.spec(arch).label}")
+        weights.components[component] = _number(value, f"components.{component}")
+    for item in spec.get("patterns") or []:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str)):
+            raise UsageError(f"block weights: patterns holds [pattern, weight] pairs, got {item!r}")
+        weights.patterns.append((item[0], _number(item[1], item[0])))
     return weights
 
 

@@ -16,6 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .version import __version__
 from .errors import LoraMergeError, UsageError
 from .outputs import check_output
+from .recipe import parse_source
 
 app = typer.Typer(
     add_completion=False,
@@ -36,17 +37,6 @@ def run_guarded(fn: Callable[[], None], threads: Optional[int] = None) -> None:
     except LoraMergeError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
-
-
-def parse_source(spec: str) -> tuple[str, float]:
-    """'a.safetensors:0.7' → ('a.safetensors', 0.7); no weight means 1.0."""
-    head, sep, tail = spec.rpartition(":")
-    if sep and head:
-        try:
-            return head, float(tail)
-        except ValueError:
-            pass
-    return spec, 1.0
 
 
 def make_progress() -> Progress:
@@ -80,6 +70,8 @@ def inspect(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection (see `loramerge archs`)."),
     no_norms: bool = typer.Option(False, "--no-norms", help="Skip the per-block ‖ΔW‖ (reads no tensor data)."),
+    recipe: bool = typer.Option(False, "--recipe", help="Print only the recipe the file was merged by, as YAML "
+                                "(`loramerge merge --recipe` re-runs it)."),
 ):
     """Architecture, format, components, module count, ranks, alphas, per-block norms, provenance."""
 
@@ -87,6 +79,16 @@ def inspect(
         from . import report
         from .io import load
 
+        if recipe:
+            from .formats.sources import open_source
+            from .recipe import embedded, to_yaml
+
+            source = open_source(file)
+            found = embedded(source.metadata, file)
+            if found is None:
+                raise UsageError(f"{file} carries no loramerge recipe (it was not made by loramerge merge)")
+            print(to_yaml(found, near=file), end="")
+            return
         summary = report.summarize(load(file, arch=arch), norms=not no_norms)
         if as_json:
             print(json.dumps(summary, indent=2))
@@ -101,7 +103,7 @@ def merge(
     sources: Optional[List[str]] = typer.Argument(None, help="LoRA files, each optionally with a weight: A.safetensors:0.7"),
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Output .safetensors file."),
     recipe: Optional[Path] = typer.Option(None, "--recipe", help="A YAML recipe (sources, method, params, output)."),
-    method: str = typer.Option("linear", "--method", "-m", help="Merge method (see `loramerge methods`)."),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="Merge method (see `loramerge methods`; default linear)."),
     rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Target rank (methods that re-factorise)."),
     energy: Optional[float] = typer.Option(None, "--energy", help="Keep this fraction of Σσ² per module instead of a fixed rank."),
     space: Optional[str] = typer.Option(None, "--space", help="core or full: where sparsifying methods work."),
@@ -110,12 +112,15 @@ def merge(
     format: Optional[str] = typer.Option(None, "--format", "-f", help="Output format: kohya or diffusers (default: the architecture's, which every client loads)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype fp16|bf16|fp32 (default: the inputs')."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for methods that draw random numbers."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for methods that draw random numbers (default 0)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection of the inputs."),
     title: Optional[str] = typer.Option(None, "--title", help="modelspec.title of the output."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
 ):
     """Merge LoRAs on ΔW and write one LoRA file (from arguments, or from --recipe)."""
+    content_flags = {"--method": method, "--rank": rank, "--energy": energy, "--space": space, "--param": param or None,
+                     "--block-weights": block_weights, "--format": format, "--dtype": dtype, "--device": device,
+                     "--seed": seed, "--arch": arch, "--title": title}
 
     def body():
         from .formats.write import formats, resolve_dtype
@@ -126,6 +131,7 @@ def merge(
         if recipe is not None:
             if sources:
                 raise UsageError("give the sources in the recipe or on the command line, not both")
+            _refuse_with_recipe(content_flags)
             plan = load_recipe(recipe)
         else:
             if not sources:
@@ -135,8 +141,8 @@ def merge(
                 params["space"] = space
             plan = Recipe(
                 sources=[Source(Path(p), w) for p, w in map(parse_source, sources)],
-                method=method, params=params, rank=rank, energy=energy, seed=seed,
-                block_weights=block_weights, format=format, dtype=dtype, title=title, device=device,
+                method=method or "linear", params=params, rank=rank, energy=energy, seed=seed or 0,
+                block_weights=block_weights, format=format, dtype=dtype, title=title, device=device, arch=arch,
             )
         target = output or plan.output
         if target is None:
@@ -146,7 +152,7 @@ def merge(
         resolve_dtype(plan.dtype)
         check_output(target, [str(s.path) for s in plan.sources])
         start = time.perf_counter()
-        loras = load_all([s.path for s in plan.sources], arch=arch)
+        loras = load_all([s.path for s in plan.sources], arch=plan.arch)
         with make_progress() as progress:
             task = progress.add_task(f"merging ({plan.method})", total=None)
 
@@ -159,6 +165,15 @@ def merge(
         _print_merge_summary(result, target, time.perf_counter() - start)
 
     run_guarded(body, threads)
+
+
+def _refuse_with_recipe(flags: dict) -> None:
+    """A recipe is the whole description of a merge: flags that would change its result are
+    refused rather than silently ignored or silently mixed in (edit the recipe instead)."""
+    given = [name for name, value in flags.items() if value is not None]
+    if given:
+        raise UsageError(f"{', '.join(given)} cannot be combined with --recipe (the recipe decides; edit it, "
+                         "or merge without --recipe); only -o and --threads may be given with it")
 
 
 def _parse_params(items: list[str]) -> dict[str, str]:
@@ -193,18 +208,41 @@ def convert(
     format: Optional[str] = typer.Option(None, "--format", "-f", help="kohya or diffusers (default: the architecture's, which every client loads)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype fp16|bf16|fp32 (default: the input's)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection."),
+    rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Truncate every module to this rank (best approximation; error reported)."),
+    energy: Optional[float] = typer.Option(None, "--energy", help="Per module, the smallest rank keeping this fraction of Σσ²."),
 ):
-    """Rewrite a LoRA in another format (its ΔW unchanged)."""
+    """Rewrite a LoRA in another format (its ΔW unchanged, unless --rank/--energy truncates it)."""
 
     def body():
         from .io import load, save
+        from .merge import merge as merge_loras
 
         check_output(output, [str(file)])
         lora = load(file, arch=arch)
+        if rank is not None or energy is not None:
+            lora = merge_loras([lora], method="svd", rank=rank, energy=energy, device="cpu")
         written = save(lora, output, format=format, dtype=dtype)
-        err.print(f"wrote {output}: {len(lora)} modules ({lora.arch}, {lora.format} → {written})", highlight=False, soft_wrap=True)
+        kept = [s["energy_kept"] for s in lora.stats.values() if "energy_kept" in s]
+        truncated = f", truncated: min energy kept {min(kept):.6f}" if kept else ""
+        err.print(f"wrote {output}: {len(lora)} modules ({lora.arch}, → {written}){truncated}",
+                  highlight=False, soft_wrap=True, markup=False)
+        if not kept:
+            _note_growth(file, output, lora)
 
     run_guarded(body)
+
+
+def _note_growth(source: Path, output: Path, lora) -> None:
+    """LyCORIS modules become exact LoRA factors whose rank multiplies (LoKr, LoHa): say so when
+    the file grows, and how to bound it."""
+    from .formats.sources import weights_file
+
+    before, after = weights_file(source).stat().st_size, output.stat().st_size
+    if after > 2 * before:
+        top = max(m.rank for m in lora)
+        err.print(f"note: {output.name} is {after / before:.1f}× the size of {source.name} ({after / 2**20:.1f} MB vs "
+                  f"{before / 2**20:.2f} MB): the exact factors reach rank {top}; --rank N or --energy F bounds it "
+                  "(the error is reported)", highlight=False, soft_wrap=True, markup=False)
 
 
 @app.command()
@@ -225,14 +263,16 @@ def fuse(
         from .recipe import load_recipe
 
         resolve_dtype(dtype)
+        fuse_arch = arch
         if recipe is not None:
             if lora:
                 raise UsageError("give the LoRAs in the recipe or with --lora, not both")
+            _refuse_with_recipe({"--arch": arch})
             plan = load_recipe(recipe)
             kwargs = plan.merge_kwargs()
             weights = kwargs.pop("weights")
             kwargs.pop("device", None)
-            paths = [s.path for s in plan.sources]
+            paths, fuse_arch = [s.path for s in plan.sources], plan.arch
         else:
             if not lora:
                 raise UsageError("nothing to fuse: give --lora FILE[:WEIGHT] or --recipe")
@@ -241,7 +281,7 @@ def fuse(
         check_output(output, [str(base)] + [str(p) for p in paths])
         with make_progress() as progress:
             task = progress.add_task("fusing", total=None)
-            report = fuse_into(base, paths, output, weights=weights, dtype=dtype, arch=arch,
+            report = fuse_into(base, paths, output, weights=weights, dtype=dtype, arch=fuse_arch,
                                progress=lambda done, total, key: progress.update(task, completed=done), **kwargs)
         err.print(f"wrote {report.output}: {report.modules} LoRA modules into {report.tensors_touched} of "
                   f"{report.tensors_total} tensors ({', '.join(report.components)}), {report.seconds:.1f} s",

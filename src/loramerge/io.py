@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Sequence
 
 from .errors import AmbiguousArchitectureError
-from .formats import read_lora, save_lora
+from .formats import archs, read_lora, save_lora
+from .formats.write import dtype_name, resolve_dtype, resolve_format
 from .lora import LoRA
+from .recipe import RECIPE_KEY, embedded
 
 
 def load(path: str | os.PathLike, arch: str | None = None) -> LoRA:
@@ -43,5 +47,19 @@ def load_all(sources: Sequence[LoRA | str | os.PathLike], arch: str | None = Non
 def save(lora: LoRA, path: str | os.PathLike, format: str | None = None, dtype=None,
          metadata: dict[str, str] | None = None) -> str:
     """Write ``lora`` atomically in ``format`` (default: the one every client loads for its
-    architecture); returns the format written."""
+    architecture); returns the format written. A merge result's recipe gets its output section
+    (format, dtype, title), so the file says everything needed to make it again."""
+    metadata = dict(metadata or {})
+    recipe = embedded(lora.metadata, lora.path)
+    if recipe is not None:
+        arch = archs.spec(lora.arch)
+        recipe["output"] = {
+            "format": resolve_format(arch, format),
+            "dtype": dtype_name(resolve_dtype(dtype) or lora.dtype),
+            "title": metadata.get("modelspec.title"),
+        }
+        for entry in recipe["sources"]:  # where the sources lie, seen from the output
+            if isinstance(entry, dict) and entry.get("path") and os.path.isabs(entry["path"]):
+                entry["path"] = Path(os.path.relpath(entry["path"], Path(path).resolve().parent)).as_posix()
+        metadata[RECIPE_KEY] = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
     return save_lora(lora, path, format=format, dtype=dtype, metadata=metadata)

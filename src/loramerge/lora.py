@@ -42,6 +42,10 @@ class LoraModule:
     dtype: torch.dtype = torch.float32  # storage dtype of the source tensors
     source: str | None = None  # the file it came from, for error messages
     bias: Callable[[], torch.Tensor] | None = field(default=None, repr=False)  # Δbias, scaled
+    # what the file itself states (its trainer's dim and alpha), where that differs from the
+    # exact factors' rank (a LoKr of dim 4 has ΔW factors of rank up to 16); None: not stated
+    file_dim: int | None = None
+    file_alpha: float | None = None
 
     @property
     def key(self) -> str:

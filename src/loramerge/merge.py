@@ -16,6 +16,8 @@ import torch
 from .errors import ArchitectureMismatchError, ShapeMismatchError, UsageError
 from .io import load_all
 from .lora import LoRA, LoraModule
+from .outputs import sha256_file
+from .blocks import parse_block_weights
 from .methods import ModuleContext, Term, get_method
 
 ProgressFn = Callable[[int, int, str], None]
@@ -57,7 +59,8 @@ def merge(
     _check_rank_options(the_method, rank, energy)
     _check_same_arch(inputs)
     device = torch.device(device) if device is not None else default_device()
-    per_input_blocks = _resolve_block_weights(block_weights, len(inputs), inputs[0].arch)
+    per_input_blocks = [None if b is None else parse_block_weights(b, inputs[0].arch)
+                        for b in _per_input(block_weights, len(inputs))]
 
     keys = sorted(set().union(*(lora.modules for lora in inputs)))
     out_dtype = _common_dtype(inputs)
@@ -93,6 +96,7 @@ def merge(
         "rank": rank,
         "energy": energy,
         "seed": seed,
+        "arch": inputs[0].arch,
         "sources": [_source_entry(lora, w, bw) for lora, w, bw in zip(inputs, weights, per_input_blocks)],
     }
     result = LoRA(modules, inputs[0].arch, "merged", provenance(inputs, recipe))
@@ -171,30 +175,25 @@ def _module_seed(seed: int, key: str) -> int:
 # provenance
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _resolve_block_weights(spec, n: int, arch: str) -> list:
-    from .blocks import parse_block_weights
-
+def _per_input(spec, n: int) -> list:
+    """One block-weight spec per input: a list with one entry per input, or one spec for all
+    (a list of numbers is one A1111 vector, not one spec per input)."""
     if spec is None:
         return [None] * n
-    specs = spec if isinstance(spec, (list, tuple)) and len(spec) == n and not all(
-        isinstance(x, (int, float)) for x in spec) else [spec] * n
-    return [None if s is None else parse_block_weights(s, arch) for s in specs]
+    if isinstance(spec, (list, tuple)) and len(spec) == n and not all(isinstance(x, (int, float)) for x in spec):
+        return list(spec)
+    return [spec] * n
 
 
 def _source_entry(lora: LoRA, weight: float, block_weights=None) -> dict:
-    entry: dict = {"weight": weight, "arch": lora.arch, "format": lora.format}
+    """A source as the recipe schema writes it: its path (absolute here; made relative to the
+    output when saved), its SHA-256, weight, and the block weights resolved (equivalent specs —
+    a vector, its preset, a dict — record the same thing, and a recipe re-reads it)."""
+    entry: dict = {"weight": weight}
     if block_weights is not None:
         entry["block_weights"] = block_weights.describe()
     if lora.path is not None:
-        entry["file"] = lora.path.name
+        entry["path"] = str(lora.path.resolve())
         if lora.path.is_file():
             entry["sha256"] = sha256_file(lora.path)
     return entry

@@ -1,7 +1,8 @@
-"""Output paths: refusing to overwrite an input, and the checks every writer shares."""
+"""Files: refusing to overwrite an input, the checks every writer shares, content hashes."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Iterable
@@ -23,3 +24,11 @@ def check_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike])
     for source in inputs:
         if Path(source).resolve() == output.resolve() or same_file(source, output):
             raise OutputPathError(f"output would overwrite the input {source}", output)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -28,11 +28,24 @@ import yaml
 from .errors import LoraMergeError
 from .formats.write import formats, resolve_dtype
 from .methods import METHODS, get_method
+from .outputs import sha256_file
 
 TOP_LEVEL = ("sources", "method", "params", "space", "rank", "energy", "seed", "block_weights",
-             "output", "device")
-SOURCE_FIELDS = ("path", "weight", "block_weights")
+             "output", "device", "arch")
+SOURCE_FIELDS = ("path", "weight", "block_weights", "sha256")
+RECIPE_KEY = "loramerge.recipe"  # the header field a merged file carries its recipe in
 OUTPUT_FIELDS = ("path", "format", "dtype", "title")
+
+
+def parse_source(spec: str) -> tuple[str, float]:
+    """'a.safetensors:0.7' → ('a.safetensors', 0.7); no weight means 1.0."""
+    head, sep, tail = spec.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
 
 
 class RecipeError(LoraMergeError):
@@ -44,6 +57,7 @@ class Source:
     path: Path
     weight: float = 1.0
     block_weights: Any = None
+    sha256: str | None = None  # when given, the file must still have these bytes
 
 
 @dataclass
@@ -60,6 +74,7 @@ class Recipe:
     dtype: str | None = None
     title: str | None = None
     device: str | None = None
+    arch: str | None = None  # read every source as this architecture
     path: Path | None = None
 
     def merge_kwargs(self) -> dict:
@@ -123,6 +138,8 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         recipe.block_weights = _plain(top["block_weights"])
     if "device" in top:
         recipe.device = v.scalar(top["device"], "device", str)
+    if "arch" in top:
+        recipe.arch = v.arch(top["arch"])
     if "output" in top:
         v.output(top["output"], recipe, base)
     return recipe
@@ -173,6 +190,16 @@ class _Validator:
             self.fail(node, where, f"{value} is out of range")
         return value
 
+    def arch(self, node) -> str:
+        from .formats import archs
+
+        name = self.scalar(node, "arch", str)
+        try:
+            archs.spec(name)
+        except LoraMergeError as exc:
+            self.fail(node, "arch", exc.message)
+        return name
+
     def method(self, node) -> str:
         name = self.scalar(node, "method", str)
         if name not in METHODS:
@@ -200,8 +227,6 @@ class _Validator:
         for i, item in enumerate(node.value):
             where = f"sources[{i}]"
             if isinstance(item, yaml.ScalarNode):  # "file.safetensors:0.7"
-                from .cli import parse_source
-
                 file, weight = parse_source(str(item.value))
                 out.append(Source(self._file(item, where, file, base), weight))
                 continue
@@ -211,8 +236,15 @@ class _Validator:
             file = self._file(fields["path"], f"{where}.path", self.scalar(fields["path"], f"{where}.path", str), base)
             weight = self.scalar(fields["weight"], f"{where}.weight", float) if "weight" in fields else 1.0
             block_weights = _plain(fields["block_weights"]) if "block_weights" in fields else None
-            out.append(Source(file, weight, block_weights))
+            sha = self.scalar(fields["sha256"], f"{where}.sha256", str) if "sha256" in fields else None
+            if sha is not None:
+                self._same_bytes(fields["sha256"], f"{where}.sha256", file, sha)
+            out.append(Source(file, weight, block_weights, sha))
         return out
+
+    def _same_bytes(self, node, where: str, file: Path, sha: str) -> None:
+        if file.is_file() and sha256_file(file) != sha.lower():
+            self.fail(node, where, f"{file.name} has changed since the recipe was written (SHA-256 differs)")
 
     def _file(self, node, where: str, name: str, base: Path) -> Path:
         path = Path(name) if Path(name).is_absolute() else base / name
@@ -240,3 +272,46 @@ class _Validator:
                 self.fail(fields["dtype"], "output.dtype", exc.message)
         if "title" in fields:
             recipe.title = self.scalar(fields["title"], "output.title", str)
+
+
+# --------------------------------------------------------------------------------------------
+# the recipe a merged file carries, back to YAML
+
+
+def embedded(metadata: dict[str, str], path=None) -> dict | None:
+    """The recipe a file's header carries (None when it carries none)."""
+    import json
+
+    raw = metadata.get(RECIPE_KEY)
+    if raw is None:
+        return None
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        raise RecipeError(f"header field {RECIPE_KEY} is not valid JSON", path) from None
+    if not isinstance(data, dict) or not isinstance(data.get("sources"), list) or "method" not in data:
+        raise RecipeError(f"header field {RECIPE_KEY} is not a loramerge recipe", path)
+    return data
+
+
+def to_yaml(recipe: dict, near: Path | None = None) -> str:
+    """A YAML recipe (the schema of :func:`parse_recipe`) from an embedded one. Source paths,
+    recorded relative to the merged file ``near``, are written relative to the working directory."""
+    sources = []
+    for entry in recipe["sources"]:
+        name = str(entry.get("path", "?"))
+        beside = near.parent / name if near is not None else Path(name)
+        path = os.path.relpath(beside) if near is not None else name
+        item = {"path": path, "weight": entry.get("weight", 1.0)}
+        for key in ("block_weights", "sha256"):
+            if entry.get(key) is not None:
+                item[key] = entry[key]
+        sources.append(item)
+    out: dict[str, Any] = {"sources": sources, "method": recipe["method"]}
+    for key in ("params", "rank", "energy", "seed", "arch", "block_weights"):
+        if recipe.get(key) not in (None, {}):
+            out[key] = recipe[key]
+    output = {k: v for k, v in (recipe.get("output") or {}).items() if v is not None}
+    if output:
+        out["output"] = output
+    return yaml.safe_dump(out, sort_keys=False, allow_unicode=True)

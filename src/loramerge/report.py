@@ -5,12 +5,12 @@ alphas, per-block norms of ΔW (computed from the factors) and the provenance a 
 from __future__ import annotations
 
 import collections
-import json
 import math
 
 from . import linalg
 from .formats import archs
 from .lora import LoRA, LoraModule
+from .recipe import embedded
 
 
 def block_of(spec: archs.Architecture, module: LoraModule) -> str:
@@ -36,7 +36,6 @@ def summarize(lora: LoRA, norms: bool = True) -> dict:
         entry["ranks"][m.rank] += 1
         if norms:
             entry["norm_sq"] += delta_norm(m) ** 2
-    recipe = lora.metadata.get("loramerge.recipe")
     return {
         "file": str(lora.path) if lora.path else None,
         "architecture": lora.arch,
@@ -47,8 +46,10 @@ def summarize(lora: LoRA, norms: bool = True) -> dict:
         "modules": len(lora),
         "components": {c: components[c] for c in lora.components},
         "kinds": dict(collections.Counter(m.kind for m in lora)),
+        # what the file states (its trainer's dims and alphas); ranks of the exact ΔW factors apart
+        "dims": _counts(m.file_dim if m.file_dim is not None else m.rank for m in lora),
+        "alphas": _counts(_stated_alpha(m) for m in lora),
         "ranks": _counts(m.rank for m in lora),
-        "alphas": _counts(m.alpha for m in lora),
         "conv_modules": sum(m.is_conv for m in lora),
         "blocks": {
             name: {
@@ -61,8 +62,13 @@ def summarize(lora: LoRA, norms: bool = True) -> dict:
         "title": lora.metadata.get("modelspec.title"),
         "date": lora.metadata.get("modelspec.date"),
         "merged_from": lora.metadata.get("modelspec.merged_from"),
-        "recipe": json.loads(recipe) if recipe else None,
+        "recipe": embedded(lora.metadata, lora.path),
     }
+
+
+def _stated_alpha(m: LoraModule):
+    """The alpha the file states; where it states none, alpha = dim (scale 1) as readers do."""
+    return m.file_alpha or m.file_dim or m.alpha
 
 
 def _counts(values) -> dict[str, int]:
@@ -93,9 +99,11 @@ def format_summary(summary: dict) -> str:
         + ", ".join(f"{c}: {n}" for c, n in summary["components"].items())
         + ")",
         "kinds         " + ", ".join(f"{k}: {n}" for k, n in summary["kinds"].items()),
-        "ranks         " + _dist(summary["ranks"]),
+        "dims          " + _dist(summary["dims"]),
         "alphas        " + _dist(summary["alphas"]),
     ]
+    if summary["ranks"] != summary["dims"]:
+        lines.append("ΔW ranks      " + _dist(summary["ranks"]) + "  (of the exact factors of each module's ΔW)")
     if summary["conv_modules"]:
         lines.append(f"conv modules  {summary['conv_modules']}")
     for key in ("title", "date", "merged_from"):
@@ -108,7 +116,7 @@ def format_summary(summary: dict) -> str:
         lines.append("recipe        " + " ".join(x for x in [r.get("method", "?"), params, *extra] if x))
         for s in r.get("sources", []):
             sha = s.get("sha256", "")[:12]
-            lines.append(f"  source      {s.get('file', '?')} × {s.get('weight')}  sha256 {sha}…")
+            lines.append(f"  source      {s.get('path', '?')} × {s.get('weight')}  sha256 {sha}…")
     has_norms = any("delta_norm" in b for b in summary["blocks"].values())
     lines.append("")
     lines.append(f"{'block':<40} {'modules':>7}  {'ranks':<14}" + ("  ‖ΔW‖_F" if has_norms else ""))

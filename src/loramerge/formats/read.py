@@ -271,6 +271,7 @@ def _build(raw: RawModule, match: Match, shape: tuple[int, ...], source: TensorS
         rank = source.shape(raw.roles["down"])[0]
         if alpha is None:
             alpha = _config_alpha(configs, component, target.members[0], rank)
+        file_dim, file_alpha = rank, alpha
         if not alpha:  # a missing or zero alpha means scale 1
             alpha = float(rank)
         module_kind = "lora"
@@ -286,6 +287,7 @@ def _build(raw: RawModule, match: Match, shape: tuple[int, ...], source: TensorS
         shapes = {r: source.shape(k) for r, k in raw.roles.items()}
         the_plan = lycoris.plan(kind, shapes, shape)
         rank = the_plan.rank
+        file_dim, file_alpha = the_plan.ref_rank, alpha
         scale = alpha / the_plan.ref_rank if (alpha and the_plan.ref_rank) else 1.0
         alpha = scale * rank
         module_kind = kind
@@ -294,7 +296,7 @@ def _build(raw: RawModule, match: Match, shape: tuple[int, ...], source: TensorS
     if not target.fused:
         shape = _table_shape(variant, component, target.members[0], shape)
     module = LoraModule(component, target.members[0], tuple(shape), rank, alpha, load, module_kind, dtype, path,
-                        bias_loader)
+                        bias_loader, file_dim, file_alpha)
     if not target.fused and not target.swaps(shape[0], module.in_features):
         return [module]
     return split_fused(module, target, source)
@@ -333,11 +335,13 @@ def split_fused(module: LoraModule, target: Target, source: TensorSource) -> lis
         if not bool(keep.any()):
             continue
         rows, part_down = rows[:, keep], down[keep]
-        members.append(LoraModule.from_factors(
+        member = LoraModule.from_factors(
             module.component, name, rows.contiguous(), part_down.contiguous(),
             (rows.shape[0], *module.shape[1:]), module.scale * rows.shape[1], module.kind,
             module.dtype, module.source,
-        ))
+        )
+        member.file_dim, member.file_alpha = module.file_dim, module.file_alpha
+        members.append(member)
     return members
 
 

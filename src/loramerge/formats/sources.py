@@ -76,6 +76,16 @@ class DictSource(TensorSource):
         return self._tensors[key]
 
 
+def weights_file(path: str | os.PathLike) -> Path:
+    """The file holding a LoRA's tensors (a PEFT folder's weights file, or the path itself)."""
+    path = Path(path)
+    if path.is_dir():
+        for name in FOLDER_WEIGHTS:
+            if (path / name).is_file():
+                return path / name
+    return path
+
+
 def open_source(path: str | os.PathLike) -> TensorSource:
     path = Path(path)
     if path.is_dir():

@@ -55,6 +55,10 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
         raise UsageError(f"unknown dtype {dtype!r}; use fp16, bf16 or fp32") from None
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}.get(dtype, str(dtype))
+
+
 def resolve_format(arch: Architecture, format: str | None) -> str:
     if format is None:
         return arch.default_format
