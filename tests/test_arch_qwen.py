@@ -569,6 +569,8 @@ def test_inspect_and_analyze_run(tmp_path):
     summary = json.loads(result.output)
     assert (summary["architecture"], summary["format"], summary["variant"]) == ("qwen_image", "kohya", None)
     assert "transformer.transformer_blocks.1" in summary["blocks"] and summary["blocks"]["transformer.other"]["modules"] == 6
+    result = runner.invoke(app, ["inspect", str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 0 and "variant       undetermined" in result.output, result.output
     result = runner.invoke(app, ["analyze", str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors"),
                                  "--out", str(tmp_path / "an")])
     assert result.exit_code == 0, result.output

@@ -68,6 +68,8 @@ ARCH = Architecture(
                              aliases={"layers": "layer", "block": "layer"}),
     pipelines=("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImageOmniPipeline",
                "ZImageControlNetPipeline", "ZImageControlNetInpaintPipeline"),
+    notes=("diffusers 0.42 drops kohya-format Z-Image x_embedder and final_layer modules (its converter renames "
+           "them to no module); ComfyUI loads them",),
     unsupported=(Unsupported("text encoder (Qwen3)", ("text_encoder.", "lora_te_", "lora_te1_", "text_encoders."),
                              "no trainer writes them and diffusers never loads them"),),
 )
