@@ -93,11 +93,14 @@ def test_original_names_agree_with_diffusers_single_file_converters():
         from loramerge.formats import keymaps
 
         model = keymaps.build_model(keymaps.configs()[variant]["transformer"], "meta")
-        single = tq.comfy_single_file(arch, model, prefix="")  # (the Lumina converter fails on its
-        back = convert(dict(single))                           # own model.diffusion_model. handling)
+        single = tq.comfy_single_file(arch, model, prefix="")
+        back = convert(dict(single))
         linear = tq.linears(model)
         assert {k: tuple(v.shape) for k, v in back.items() if k.endswith(".weight") and k[:-7] in linear} == {
             n + ".weight": s for n, s in linear.items()}
+    # pinned: diffusers' Lumina 2 converter renames model.diffusion_model. keys, then pops the old names
+    with pytest.raises(KeyError, match="model.diffusion_model"):
+        convert_lumina2_to_diffusers(tq.comfy_single_file("lumina2", model))
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,6 +466,10 @@ def _folder(tmp_path, arch, model):
     return tmp_path / "base"
 
 
+# ComfyUI's diffusion_models files are bare, its saved checkpoints say model.diffusion_model.
+SINGLE_FILE_PREFIX = {"qwen_image": "", "zimage": "model.diffusion_model.", "lumina2": "diffusion_model."}
+
+
 @pytest.mark.parametrize("arch", tq.ARCHS)
 def test_fuse_into_a_diffusers_folder_and_a_comfyui_single_file(tmp_path, arch):
     from diffusers.loaders.single_file_utils import convert_z_image_transformer_checkpoint_to_diffusers
@@ -480,7 +487,8 @@ def test_fuse_into_a_diffusers_folder_and_a_comfyui_single_file(tmp_path, arch):
     assert (tmp_path / "fused" / "transformer" / "config.json").read_text() == \
         (tmp_path / "base" / "transformer" / "config.json").read_text()
 
-    single = tq.comfy_single_file(arch, model)
+    prefix = SINGLE_FILE_PREFIX[arch]
+    single = tq.comfy_single_file(arch, model, prefix)
     save_file(single, str(tmp_path / "single.safetensors"))
     report = fuse(tmp_path / "single.safetensors", loras, tmp_path / "fused.safetensors", weights=W)
     assert report.modules == len(base)
@@ -488,12 +496,12 @@ def test_fuse_into_a_diffusers_folder_and_a_comfyui_single_file(tmp_path, arch):
     assert set(out) == set(single)
     if arch == "zimage":  # diffusers' own single-file converter reads it back
         state = convert_z_image_transformer_checkpoint_to_diffusers(
-            {k.removeprefix("model.diffusion_model."): v for k, v in out.items()})
+            {k.removeprefix(prefix): v for k, v in out.items()})
     else:  # Qwen-Image: identity names; Lumina 2: the names checked against diffusers above
         state = {}
         for name in base:
             original, position = tq.ORIGINAL[arch](name)
-            tensor = out["model.diffusion_model." + original + ".weight"]
+            tensor = out[prefix + original + ".weight"]
             if original.endswith(".qkv"):
                 sizes = [base[original.replace("attention.qkv", f"attn.to_{x}")].shape[0] for x in "qkv"]
                 tensor = tensor.split(sizes)[position]
@@ -501,7 +509,7 @@ def test_fuse_into_a_diffusers_folder_and_a_comfyui_single_file(tmp_path, arch):
     fused_model = tq.transformer(arch)
     fused_model.load_state_dict(state, strict=False)
     check_weights(fused_model, base, expected)
-    touched = {"model.diffusion_model." + tq.ORIGINAL[arch](n)[0] + ".weight" for n in base}
+    touched = {prefix + tq.ORIGINAL[arch](n)[0] + ".weight" for n in base}
     untouched = set(single) - touched
     assert untouched and all(torch.equal(out[k], single[k]) for k in untouched)
 
