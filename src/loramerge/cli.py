@@ -107,7 +107,7 @@ def merge(
     space: Optional[str] = typer.Option(None, "--space", help="core or full: where sparsifying methods work."),
     param: List[str] = typer.Option([], "--param", "-p", help="Method parameter NAME=VALUE (repeatable)."),
     block_weights: Optional[str] = typer.Option(None, "--block-weights", help="Per-block weights for every source: preset, comma list or JSON."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="Output format: kohya or diffusers (default: the architecture's, which every client loads)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="Output format: kohya, comfyui or diffusers, as the architecture writes them (`loramerge archs`; default: its own, which every client loads)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype fp16|bf16|fp32 (default: the inputs')."),
     device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda when available)."),
     seed: int = typer.Option(0, "--seed", help="Seed for methods that draw random numbers."),
@@ -190,7 +190,7 @@ def _print_merge_summary(result, output: Path, seconds: float) -> None:
 def convert(
     file: Path = typer.Argument(..., help="LoRA file to convert."),
     output: Path = typer.Option(..., "-o", "--output", help="Output .safetensors file."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="kohya or diffusers (default: the architecture's, which every client loads)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="kohya, comfyui or diffusers, as the architecture writes them (`loramerge archs`; default: its own, which every client loads)."),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype fp16|bf16|fp32 (default: the input's)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection."),
 ):
@@ -257,7 +257,7 @@ def extract(
     output: Path = typer.Option(..., "-o", "--output", help="Output LoRA .safetensors file."),
     rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Rank of every module."),
     energy: Optional[float] = typer.Option(None, "--energy", help="Per module, the smallest rank keeping this fraction of ‖Δ‖²."),
-    format: Optional[str] = typer.Option(None, "--format", "-f", help="kohya or diffusers (default: the architecture's)."),
+    format: Optional[str] = typer.Option(None, "--format", "-f", help="kohya, comfyui or diffusers, as the architecture writes them (default: its own)."),
     dtype: Optional[str] = typer.Option("fp16", "--dtype", help="Output dtype fp16|bf16|fp32."),
     threshold: float = typer.Option(0.0, "--threshold", help="Skip modules whose ‖Δ‖_F is at most this."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
