@@ -129,7 +129,7 @@ ORIGINAL = {"qwen_image": lambda n: (n, 0), "zimage": zimage_original, "lumina2"
 class Layout:
     prefix: str
     original: bool  # original (ComfyUI) names, fused q/k/v; else diffusers names
-    style: str  # kohya (lora_down/lora_up), peft (lora_A/lora_B), peft_default (lora_A.default)
+    style: str  # kohya (lora_down/lora_up), peft (lora_A/lora_B), peft_default (lora_A.default), dotted (lora.down, to.q)
     alpha: bool  # writes .alpha keys
     flat: bool = False  # kohya's '.' → '_'
 
@@ -153,6 +153,7 @@ LAYOUTS = {
         "diffusers": Layout("transformer.", False, "peft", False),
         "onetrainer-comfy": Layout("diffusion_model.", False, "peft", True),
         "onetrainer-legacy": Layout("transformer.", False, "kohya", True),
+        "anime-z": Layout("diffusion_model.", False, "dotted", False),  # as diffusers' converter describes it
     },
     "lumina2": {
         "diffusion-pipe": Layout("diffusion_model.", True, "peft", False),
@@ -204,10 +205,13 @@ def random_factors(mods: dict[str, FileModule], seed: int, ranks=(4, 2, 3, 1), a
 
 
 _SUFFIX = {"kohya": (".lora_up.weight", ".lora_down.weight"), "peft": (".lora_B.weight", ".lora_A.weight"),
-           "peft_default": (".lora_B.default.weight", ".lora_A.default.weight")}
+           "peft_default": (".lora_B.default.weight", ".lora_A.default.weight"),
+           "dotted": (".lora.up.weight", ".lora.down.weight")}
 
 
 def key_of(layout: Layout, name: str) -> str:
+    if layout.style == "dotted":
+        name = re.sub(r"\.to_([qkv])$", r".to.\1", name)
     return layout.prefix + (name.replace(".", "_") if layout.flat else name)
 
 

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
-from ..schemes.nextdit import ZIMAGE
+from ..schemes.nextdit import ZIMAGE, ZIMAGE_DIFFUSERS
 from . import Architecture, Identity, Naming, Unsupported
 from ._common import dit_denoiser, kohya, peft
 
@@ -31,7 +31,8 @@ ARCH = Architecture(
     components=(
         replace(dit_denoiser(ZIMAGE, extra=(
             kohya("lora_unet_", DIFFUSERS),  # musubi-tuner, OneTrainer KOHYA
-            peft("diffusion_model.", DIFFUSERS, "comfyui"),  # ai-toolkit (LoRA and LoKr), OneTrainer COMFY
+            # ai-toolkit (LoRA and LoKr), OneTrainer COMFY; dotted 'to.q' and '.lora.down' (Anime-Z)
+            peft("diffusion_model.", ZIMAGE_DIFFUSERS, "comfyui"),
             peft("model.diffusion_model.", DIFFUSERS, "comfyui"),
             Naming("lycoris_", DIFFUSERS, flat=True, label="lycoris"),  # SimpleTuner
         )), single_file=(

@@ -15,7 +15,10 @@ Neither model needs a (shift, scale) swap: diffusers keeps the original chunk or
 
 from __future__ import annotations
 
-from . import Rule, RuleScheme
+import re
+
+from . import Identity, Rule, RuleScheme
+from .diffusers import DIFFUSERS
 
 
 def _attention(blocks: tuple[str, ...], attn: str, projections: tuple[str, str, str, str],
@@ -63,3 +66,13 @@ def zimage_scheme(patch: str = "2-1") -> RuleScheme:
 
 LUMINA2 = lumina_scheme()
 ZIMAGE = zimage_scheme()
+
+
+def dotted_projection(name: str) -> str | None:
+    """Some Z-Image trainers ("Anime-Z", per diffusers' converter) dot the projection names:
+    'attention.to.q' → 'attention.to_q'."""
+    fixed = re.sub(r"\.attention\.to\.([qkv])$", r".attention.to_\1", name)
+    return fixed if fixed != name else None
+
+
+ZIMAGE_DIFFUSERS = Identity("diffusers", (*DIFFUSERS.fixes, dotted_projection))
