@@ -181,8 +181,8 @@ def test_lokr(tmp_path, arch, prefix, flat):
     model = tq.transformer(arch)
     modules = {n: s for n, s in tq.linears(model).items() if s[0] % 2 == 0 and s[1] % 2 == 0}
     expected = tq.write_lokr(tmp_path / "k.safetensors", prefix, flat, modules, seed=3)
-    lora = loramerge.load(tmp_path / "k.safetensors", arch=arch)  # tiny shapes: names alone
-    assert lora.format == "lycoris" and {m.name for m in lora} == set(modules)
+    lora = loramerge.load(tmp_path / "k.safetensors")
+    assert (lora.arch, lora.format) == (arch, "lycoris") and {m.name for m in lora} == set(modules)
     for m in lora:
         assert rel(m.delta(torch.float64), expected[m.name]()) < 1e-6, m.name
     loader = getattr(diffusers, tq.PIPELINES[arch])
