@@ -461,11 +461,6 @@ def test_convert_round_trips_between_every_written_format(tmp_path, arch):
                 assert torch.allclose(m.delta(torch.float64), expected[m.name], rtol=1e-5, atol=1e-7), (first, second, m.name)
 
 
-def _folder(tmp_path, arch, model):
-    model.save_pretrained(tmp_path / "base" / "transformer")
-    return tmp_path / "base"
-
-
 # ComfyUI's diffusion_models files are bare, its saved checkpoints say model.diffusion_model.
 SINGLE_FILE_PREFIX = {"qwen_image": "", "zimage": "model.diffusion_model.", "lumina2": "diffusion_model."}
 
@@ -481,7 +476,8 @@ def test_fuse_into_a_diffusers_folder_and_a_comfyui_single_file(tmp_path, arch):
     expected = linear_sum((da, db), base)
     loras = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
 
-    fuse(_folder(tmp_path, arch, model), loras, tmp_path / "fused", weights=W)
+    model.save_pretrained(tmp_path / "base" / "transformer")  # a diffusers folder: transformer/ only
+    fuse(tmp_path / "base", loras, tmp_path / "fused", weights=W)
     back = type(model).from_pretrained(tmp_path / "fused" / "transformer")
     check_weights(back, base, expected)
     assert (tmp_path / "fused" / "transformer" / "config.json").read_text() == \
