@@ -101,6 +101,8 @@ def merge(
     }
     result = LoRA(modules, inputs[0].arch, "merged", provenance(inputs, recipe))
     result.stats = stats
+    variants = {lora.variant for lora in inputs} - {None}
+    result.variant = variants.pop() if len(variants) == 1 else None  # the one variant the inputs name
     return result
 
 

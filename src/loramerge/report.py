@@ -41,6 +41,7 @@ def summarize(lora: LoRA, norms: bool = True) -> dict:
         "architecture": lora.arch,
         "architecture_label": spec.label,
         "variant": lora.variant,
+        "variants": list(spec.variants),
         "format": lora.format,
         "dtype": str(lora.dtype).replace("torch.", ""),
         "modules": len(lora),
@@ -94,6 +95,7 @@ def format_summary(summary: dict) -> str:
         lines.append(f"file          {summary['file']}")
     lines += [
         f"architecture  {summary['architecture']} ({summary['architecture_label']})",
+        *_variant_line(summary),
         f"format        {summary['format']}   dtype {summary['dtype']}",
         f"modules       {summary['modules']}  ("
         + ", ".join(f"{c}: {n}" for c, n in summary["components"].items())
@@ -124,6 +126,15 @@ def format_summary(summary: dict) -> str:
         norm = f"  {b['delta_norm']:.4g}" if has_norms else ""
         lines.append(f"{name:<40} {b['modules']:>7}  {_dist(b['ranks']):<14}{norm}")
     return "\n".join(lines)
+
+
+def _variant_line(summary: dict) -> list[str]:
+    """For architectures with several variants: the file's, or why it is not known."""
+    variants = summary.get("variants") or []
+    if len(variants) < 2:
+        return []
+    found = summary["variant"] or f"undetermined (several of {', '.join(variants)} fit its keys and shapes; its header names none)"
+    return [f"variant       {found}"]
 
 
 def _dist(counts: dict[str, int]) -> str:

@@ -10,6 +10,10 @@
    A header contradicted by the shapes loses: files copy headers, not shapes.
 4. Still several? The file fits each of them equally: :class:`AmbiguousArchitectureError` names
    the candidates and asks for ``--arch``; nothing is picked silently.
+Variants of one architecture whose keys and shapes are identical are told apart the same way:
+by the header when it names one (:attr:`Identity.variant_names`), else left undetermined.
+A file that fits an architecture except for modules of a part it does not read (its
+:attr:`Architecture.unsupported` prefixes) is refused with the reason, naming that part.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..errors import AmbiguousArchitectureError, NotALoraError
+from ..errors import AmbiguousArchitectureError, NotALoraError, UnsupportedModuleError
 from . import archs, keymaps
 from .archs import Architecture
 from .placement import Match, matches
@@ -98,6 +102,43 @@ def claims(metadata: dict[str, str], config: dict | None) -> tuple[set[str], lis
     return found, sorted(set(said))
 
 
+def _stem(value) -> str:
+    return str(value or "").strip().lower().split("/")[0]
+
+
+def named_variant(reading: Reading, metadata: dict[str, str]) -> str | None:
+    """The variant of a reading: the one the shapes pick or, among variants the shapes cannot
+    tell apart, the one the header names; None when nothing decides."""
+    if not reading.also:
+        return reading.variant
+    said = {_stem(metadata.get(f)) for f in ("modelspec.architecture", "ss_base_model_version")} - {""}
+    names = reading.arch.identity.variant_names
+    named = [v for v in (reading.variant, *reading.also) if said & {_stem(n) for n in names.get(v, ())}]
+    return named[0] if len(named) == 1 else None
+
+
+def _shown(prefixes: list[str]) -> str:
+    return ", ".join(prefixes[:8]) + (f" and {len(prefixes) - 8} more" if len(prefixes) > 8 else "")
+
+
+def _refuse_unsupported(readings: list[Reading], path) -> None:
+    """Raise when some architecture places every module but those of a part it refuses."""
+    for reading in sorted(readings, key=lambda r: -len(r.chosen)):
+        if not reading.chosen or not reading.arch.unsupported:
+            continue
+        parts: dict = {}
+        for prefix in reading.misfits:
+            part = next((u for u in reading.arch.unsupported if prefix.startswith(u.prefixes)), None)
+            if part is None:
+                break
+            parts.setdefault(part, []).append(prefix)
+        else:
+            part, prefixes = next(iter(parts.items()))
+            raise UnsupportedModuleError(
+                f"{len(prefixes)} modules are LoRA modules of the {reading.arch.label} {part.component} "
+                f"({part.reason}); loramerge does not read them: {_shown(prefixes)}", path)
+
+
 def detect(modules: dict[str, Shape], metadata: dict[str, str], config: dict | None = None,
            forced: str | None = None, path=None) -> Reading:
     """The reading of ``modules`` ({module prefix: weight shape}) by the architecture they fit."""
@@ -109,8 +150,9 @@ def detect(modules: dict[str, Shape], metadata: dict[str, str], config: dict | N
         if placed:
             break
     else:
+        _refuse_unsupported(readings, path)
         closest = min(readings, key=lambda r: len(r.misfits))
-        shown = ", ".join(closest.misfits[:8]) + (f" and {len(closest.misfits) - 8} more" if len(closest.misfits) > 8 else "")
+        shown = _shown(closest.misfits)
         where = f"a {closest.arch.name} LoRA" if forced else f"any known architecture (closest: {closest.arch.name})"
         raise NotALoraError(f"cannot place {len(closest.misfits)} of {len(modules)} modules on {where}; "
                             f"unmapped: {shown}", path)

@@ -20,7 +20,7 @@ import torch
 from ..errors import NotALoraError, ShapeMismatchError, UnsupportedModuleError
 from ..lora import LoRA, LoraModule
 from . import keymaps, lycoris
-from .detect import Reading, detect
+from .detect import Reading, detect, named_variant
 from .placement import Match
 from .schemes import Target
 from .sources import TensorSource, open_source
@@ -95,7 +95,7 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
         modules.extend(_build(raw, match, shapes[_placed_prefix(raw)], source, reading.variant, configs))
     _check_duplicates(modules, source)
     lora = LoRA(modules, reading.arch.name, _format_name(raw_modules, reading), source.metadata, source.path)
-    lora.variant = reading.variant
+    lora.variant = named_variant(reading, source.metadata)
     return lora
 
 

@@ -287,7 +287,7 @@ def build_header(lora: LoRA, arch: Architecture, format: str, alpha: float | Non
         "ss_network_dim": _number(ranks.pop()) if len(ranks) == 1 else "Dynamic",
         "ss_base_model_version": ident.ss_base_model_version,
         "modelspec.sai_model_spec": "1.0.1",
-        "modelspec.architecture": ident.modelspec_architecture,
+        "modelspec.architecture": (ident.variant_names.get(lora.variant or "") or (ident.modelspec_architecture,))[0],
         "modelspec.implementation": "diffusers" if format == "diffusers" else ident.implementation,
         "modelspec.resolution": header.get("modelspec.resolution", ident.resolution),
         "loramerge.version": __version__,

@@ -61,6 +61,20 @@ class Identity:
     modelspec_aliases: tuple[str, ...] = ()
     # substrings of a PEFT adapter's base_model_name_or_path (lower case)
     base_models: tuple[str, ...] = ()
+    # variants whose keys and shapes are identical are told apart only by the header: the
+    # modelspec.architecture / ss_base_model_version values (compared up to a '/', any case)
+    # naming one variant; the first is written into LoRAs of that variant
+    variant_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """Key prefixes of a part of the model loramerge does not read (a text encoder no client
+    loads LoRAs for…): files using them are refused with ``reason``, not as unknown keys."""
+
+    component: str
+    prefixes: tuple[str, ...]
+    reason: str
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per architecture
@@ -76,6 +90,7 @@ class Architecture:
     blocks: BlockGrammar
     pipelines: tuple[str, ...] = ()  # diffusers pipeline classes (model_index.json _class_name)
     notes: tuple[str, ...] = field(default=())  # client facts a writer warns about
+    unsupported: tuple[Unsupported, ...] = ()  # parts whose LoRA modules are refused
 
     def component(self, name: str) -> Component | None:
         return next((c for c in self.components if c.name == name), None)
