@@ -3,7 +3,7 @@
 For every pair of the bundled style LoRAs and every merge method (plus the live weighted mix),
 generates a fixed number of samples per digit with both trigger words and reports digit
 accuracy, each style's retention relative to that LoRA alone, and the composition score
-(digit accuracy × the smaller retention; see loramerge.composition). Seeds are fixed, so a
+(digit accuracy × the smaller retention; see loramerge.tinyworld.composition). Seeds are fixed, so a
 rerun prints the same table. Writes compose.md, compose.csv and compose.png into --out.
 The last row applies both styles' transforms to held-out real digits: the ceiling the
 detectors allow for each pair, not a merge.
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import torch
 
-from loramerge import composition as comp
 from loramerge import tinyworld as tw
+from loramerge.tinyworld import composition as comp
 
 # (label, method, extra parameters)
 MIXES = [

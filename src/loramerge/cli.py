@@ -365,7 +365,7 @@ def demo(
     """Merge two style LoRAs of the bundled digit world with several methods, fuse, live-mix, score, write index.html."""
 
     def body():
-        from .demo import run_demo
+        from .tinyworld.demo import run_demo
 
         chosen = tuple(s.strip() for s in styles.split(",") if s.strip())
         if len(chosen) != 2:

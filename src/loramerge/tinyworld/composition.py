@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import tinyworld as tw
-from .lora import LoRA
-from .merge import load, merge
-from .methods import get_method
-from .runtime import attach
+from .. import tinyworld as tw
+from ..lora import LoRA
+from ..merge import load, merge
+from ..methods import get_method
+from ..runtime import attach
 
 
 @dataclass
@@ -69,7 +69,7 @@ def real_reference(styles) -> Score:
     """The same measurements on held-out real digits with every style's transform applied: the
     ceiling of what the detectors can report for this combination (some transforms fight, e.g.
     shrinking a digit thins the strokes that bold thickened)."""
-    from .tinyworld import data
+    from . import data
 
     images, digits = data.load_split("held_out")
     alone = {s: float(tw.style_hits(data.TRANSFORMS[s](images), [s])[s].mean()) for s in styles}

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import tinyworld as tw
+from ..fuse import fuse
 from . import composition as comp
-from . import tinyworld as tw
-from .fuse import fuse
 
 METHODS = ("linear", "svd", "ties", "dare_ties", "knots", "tsv", "iso_c")
 
