@@ -121,6 +121,8 @@ def merge(
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection of the inputs."),
     title: Optional[str] = typer.Option(None, "--title", help="modelspec.title of the output."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base pipeline folder: learned methods (ziplora, soups_cat) train on it."),
+    prompts: List[str] = typer.Option([], "--prompts", help="Prompt template for learned methods; {trigger} = the LoRA's trigger phrase (repeatable)."),
 ):
     """Merge LoRAs on ΔW and write one LoRA file (from arguments, or from --recipe)."""
 
@@ -144,6 +146,10 @@ def merge(
                 method=method, params=params, rank=rank, energy=energy, seed=seed,
                 block_weights=block_weights, format=format, dtype=dtype, title=title, device=device,
             )
+        if base is not None:
+            plan.params["base"] = str(base)
+        if prompts:
+            plan.params["prompts"] = "|".join(prompts)
         target = output or plan.output
         if target is None:
             raise UsageError("no output: give -o or output.path in the recipe")
@@ -157,7 +163,8 @@ def merge(
             task = progress.add_task(f"merging ({plan.method})", total=None)
 
             def tick(done, total, key):
-                progress.update(task, completed=done, total=total)
+                stage = "training" if key == "training" else "merging"
+                progress.update(task, completed=done, total=total, description=f"{stage} ({plan.method})")
 
             result = merge_loras(loras, progress=tick, **plan.merge_kwargs())
         extra = {"modelspec.title": plan.title} if plan.title else None
