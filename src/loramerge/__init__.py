@@ -13,6 +13,6 @@ from .lora import LoRA, LoraModule  # noqa: E402
 from .merge import load, merge  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .runtime import LiveMix, attach  # noqa: E402
-from .composer import Composition, compose  # noqa: E402
+from .composer import Composition, compose, compose_recipe  # noqa: E402
 
-__all__ = ["load", "merge", "attach", "LiveMix", "compose", "Composition", "LoRA", "LoraModule", "LoraMergeError", "METHODS", "__version__"]
+__all__ = ["load", "merge", "attach", "LiveMix", "compose", "compose_recipe", "Composition", "LoRA", "LoraModule", "LoraMergeError", "METHODS", "__version__"]

@@ -613,3 +613,23 @@ def compose(pipe, loras: Mapping[str, LoRA | str | os.PathLike], method: str = "
     """Compose LoRAs at inference time in ``pipe`` (see the module docstring for the methods);
     returns a handle whose ``remove()`` (or ``with`` exit) restores the pipeline exactly."""
     return Composition(pipe, loras, method, **params)
+
+
+def compose_recipe(pipe, recipe) -> tuple[Composition, dict]:
+    """Compose a recipe's sources as its ``compose:`` section says (a recipe file, or a Recipe);
+    returns the handle and the generation settings to pass to ``pipe(...)`` (guidance_scale)."""
+    from .recipe import Recipe, load_recipe
+
+    plan = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if not plan.compose:
+        raise UsageError("this recipe has no compose: section (merge it with loramerge merge --recipe)")
+    settings = dict(plan.compose)
+    method = settings.pop("method")
+    generation = {"guidance_scale": settings.pop("guidance_scale")} if "guidance_scale" in settings else {}
+    names = [f"{i}:{s.path.stem}" for i, s in enumerate(plan.sources)]
+    blocks = {n: s.block_weights if s.block_weights is not None else plan.block_weights
+              for n, s in zip(names, plan.sources)}
+    handle = compose(pipe, {n: s.path for n, s in zip(names, plan.sources)}, method,
+                     weights={n: s.weight for n, s in zip(names, plan.sources)},
+                     block_weights={n: b for n, b in blocks.items() if b is not None} or None, **settings)
+    return handle, generation

@@ -30,7 +30,9 @@ from .formats.write import FORMATS, resolve_dtype
 from .methods import METHODS, get_method
 
 TOP_LEVEL = ("sources", "method", "params", "space", "rank", "energy", "seed", "block_weights",
-             "output", "device")
+             "output", "device", "compose")
+# compose: the LoRAs are composed at inference time (loramerge.compose), not merged into a file
+COMPOSE_FIELDS = ("method", "tau", "prompts", "triggers", "alpha", "beta", "pattern", "guidance_scale")
 SOURCE_FIELDS = ("path", "weight", "block_weights")
 OUTPUT_FIELDS = ("path", "format", "dtype", "title")
 
@@ -61,6 +63,7 @@ class Recipe:
     title: str | None = None
     device: str | None = None
     path: Path | None = None
+    compose: dict | None = None  # {method: switch|composite|klora|…, its parameters, guidance_scale}
 
     def merge_kwargs(self) -> dict:
         block_weights = [s.block_weights if s.block_weights is not None else self.block_weights for s in self.sources]
@@ -125,6 +128,8 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         recipe.device = v.scalar(top["device"], "device", str)
     if "output" in top:
         v.output(top["output"], recipe, base)
+    if "compose" in top:
+        recipe.compose = v.compose(top["compose"])
     return recipe
 
 
@@ -219,6 +224,18 @@ class _Validator:
         if not path.exists():
             self.fail(node, where, f"no such file {name!r}")
         return path
+
+    def compose(self, node) -> dict:
+        from .composer import COMPOSE_METHODS
+
+        fields = self.mapping(node, "compose", COMPOSE_FIELDS)
+        if "method" not in fields:
+            self.fail(node, "compose", "missing method")
+        out = {name: _plain(value) for name, value in fields.items()}
+        if out["method"] not in COMPOSE_METHODS:
+            self.fail(fields["method"], "compose.method", f"unknown composition method {out['method']!r}; "
+                      f"available: {', '.join(COMPOSE_METHODS)}")
+        return out
 
     def output(self, node, recipe: Recipe, base: Path) -> None:
         if isinstance(node, yaml.ScalarNode):
