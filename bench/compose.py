@@ -38,7 +38,8 @@ import torch
 import loramerge
 from loramerge import tinyworld as tw
 from loramerge.tinyworld import composition as comp
-from loramerge.tune import TuneConfig, atomic_write, tune
+from loramerge.atomic import atomic_write
+from loramerge.tune import TuneConfig, tune
 
 # (label, method, extra parameters)
 MIXES = [
@@ -99,12 +100,7 @@ class Pair:
         return row
 
     def generate(self, guidance=G):
-        return sample_at(self.pipe, self.styles, self.samples, self.seed, guidance)
-
-
-def sample_at(pipe, styles, per_digit, seed, guidance):
-    prompts, digits = tw.digit_prompts(per_digit=per_digit, styles=list(styles))
-    return tw.generate(pipe, prompts, seed=seed, guidance=guidance), digits
+        return comp.sample(self.pipe, self.styles, self.samples, self.seed, guidance)
 
 
 
@@ -194,7 +190,7 @@ def main() -> None:
     alone_images, alone = {}, {}
     for s, lora in loras.items():
         with comp.with_mix(pipe, {s: lora}, {s: 1.0}):
-            images, digits = sample_at(pipe, [s], args.samples, args.seed, G)
+            images, digits = comp.sample(pipe, [s], args.samples, args.seed)
         alone_images[s] = (images, digits)
         alone[s] = comp.score_images(f"{s} alone", images, digits, [s])
     pairs = list(itertools.combinations(tw.STYLES, 2))

@@ -30,7 +30,6 @@ import io
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -38,6 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .atomic import atomic_write
 from .errors import LoraMergeError, UsageError
 
 SAMPLERS = ("cmaes", "tpe", "random")
@@ -563,19 +563,6 @@ def _append(handle, row: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------ outputs
-
-
-def atomic_write(path: Path, data: bytes | str) -> Path:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def recipe_dict(config: TuneConfig, candidate: dict, output: str | None = None) -> dict:

@@ -44,10 +44,10 @@ class Score:
         return out
 
 
-def sample(pipe, styles, per_digit: int, seed: int):
+def sample(pipe, styles, per_digit: int, seed: int, guidance: float = tw.DEFAULT_GUIDANCE):
     """Images for every digit, prompted with the styles' trigger words, and the digits."""
     prompts, digits = tw.digit_prompts(per_digit=per_digit, styles=list(styles))
-    return tw.generate(pipe, prompts, seed=seed), digits
+    return tw.generate(pipe, prompts, seed=seed, guidance=guidance), digits
 
 
 def score_images(label: str, images, digits, styles, alone: dict[str, float] | None = None) -> Score:
@@ -60,8 +60,9 @@ def score_images(label: str, images, digits, styles, alone: dict[str, float] | N
     return score
 
 
-def measure(pipe, label: str, styles, per_digit: int, seed: int, alone: dict[str, float] | None = None):
-    images, digits = sample(pipe, styles, per_digit, seed)
+def measure(pipe, label: str, styles, per_digit: int, seed: int, alone: dict[str, float] | None = None,
+            guidance: float = tw.DEFAULT_GUIDANCE):
+    images, digits = sample(pipe, styles, per_digit, seed, guidance)
     return score_images(label, images, digits, styles, alone), images
 
 
