@@ -57,6 +57,7 @@ from .blocks import BlockWeights, parse_block_weights
 from .errors import LoraMergeError, ShapeMismatchError, UsageError
 from .lora import LoRA, LoraModule
 from .merge import load
+from .methods.learned import tensors_in
 from .runtime import _find_module
 
 COMPOSE_METHODS = ("mix", "schedule", "switch", "composite", "klora")
@@ -495,8 +496,8 @@ class Composition:
         return encode_prompt
 
     def _register_rows(self, canonical, branches) -> None:
-        base = _tensors(canonical)
-        per_branch = [_tensors(b) for b in branches]
+        base = tensors_in(canonical)
+        per_branch = [tensors_in(b) for b in branches]
         for k, tensor in enumerate(base):
             if tensor.dim() < 1:
                 continue
@@ -579,16 +580,6 @@ def _replace_attribute(obj, name: str, value) -> Callable[[], None]:
         else:
             obj.__dict__.pop(name, None)
     return restore
-
-
-def _tensors(value) -> list[torch.Tensor]:
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    if isinstance(value, dict):
-        return [t for v in value.values() for t in _tensors(v)]
-    return []
 
 
 def _row_key(row: torch.Tensor) -> tuple:

@@ -115,7 +115,7 @@ class _Recorder:
     def _post(self, name):
         def post(module, args, kwargs, output):
             a, k = self._pending.pop(name)
-            self.calls[name].append((a, k, [t.detach().clone() for t in _tensors(output)]))
+            self.calls[name].append((a, k, [t.detach().clone() for t in tensors_in(output)]))
         return post
 
     def remove(self) -> None:
@@ -135,14 +135,15 @@ def _detach(value):
     return value
 
 
-def _tensors(value) -> list[torch.Tensor]:
+def tensors_in(value) -> list[torch.Tensor]:
+    """Every tensor in a nest of tuples, lists, dicts and diffusers/transformers outputs, in order."""
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
+        return [t for v in value for t in tensors_in(v)]
     if isinstance(value, dict) or hasattr(value, "to_tuple"):
         items = value.values() if isinstance(value, dict) else value.to_tuple()
-        return [t for v in items for t in _tensors(v)]
+        return [t for v in items for t in tensors_in(v)]
     return []
 
 
@@ -190,7 +191,7 @@ def record(pipe, lora, prompts: list[str], params: dict, seed: int, components: 
     out = {}
     with torch.no_grad():
         for c, calls in recorder.calls.items():
-            out[c] = [(a, k, y, [t.detach() for t in _tensors(modules[c](*a, **k))]) for a, k, y in calls]
+            out[c] = [(a, k, y, [t.detach() for t in tensors_in(modules[c](*a, **k))]) for a, k, y in calls]
     return out
 
 
@@ -202,7 +203,7 @@ def _effect(call) -> float:
 
 def _relative_error(model, call, scale: float) -> torch.Tensor:
     args, kwargs, target, _ = call
-    got = _tensors(model(*args, **kwargs))
+    got = tensors_in(model(*args, **kwargs))
     return sum(((g - t) ** 2).sum() for g, t in zip(got, target)) / scale
 
 
