@@ -181,6 +181,8 @@ def main() -> None:
     parser.add_argument("--skip-tune", action="store_true")
     parser.add_argument("--ray", action="store_true", help="tune on a local Ray cluster")
     parser.add_argument("--pairs", help="comma list such as bold+slanted,shifted+small (default: all six)")
+    parser.add_argument("--combine", nargs="+", type=Path,
+                        help="write the tables from the compose-partial.csv of runs made with --pairs")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -193,6 +195,9 @@ def main() -> None:
             images, digits = comp.sample(pipe, [s], args.samples, args.seed)
         alone_images[s] = (images, digits)
         alone[s] = comp.score_images(f"{s} alone", images, digits, [s])
+    if args.combine:
+        write_outputs([row for folder in args.combine for row in _read_csv(folder / "compose-partial.csv")], alone, args)
+        return
     pairs = list(itertools.combinations(tw.STYLES, 2))
     if args.pairs:
         chosen = {tuple(p.split("+")) for p in args.pairs.split(",")}
@@ -205,6 +210,17 @@ def main() -> None:
         atomic_write(args.out / "compose-partial.csv", _csv(rows))
     write_outputs(rows, alone, args)
     print(f"wrote {args.out}/compose.md, compose.csv, compose.png in {time.perf_counter() - start:.0f} s")
+
+
+def _read_csv(path: Path) -> list[dict]:
+    def value(v):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+
+    with open(path, newline="") as f:
+        return [{k: value(v) for k, v in row.items() if v != ""} for row in csv.DictReader(f)]
 
 
 def _csv(rows) -> str:
