@@ -133,3 +133,22 @@ def test_bad_settings_are_one_line_errors(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "loramerge", "tune", *LORAS, "--digits", "3-12", "--out", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+
+
+def test_compose_recipes_run_with_compose_recipe_and_not_with_merge(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "sources": [{"path": LORAS[0], "weight": 1.2}, {"path": LORAS[1], "weight": 0.8}],
+        "compose": {"method": "switch", "tau": 2, "guidance_scale": 4.0}}))
+    proc = subprocess.run([sys.executable, "-m", "loramerge", "merge", "--recipe", str(recipe), "-o", str(tmp_path / "m.safetensors")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "compose" in proc.stderr and proc.stderr.strip().count("\n") == 0
+    pipe = tw.load_pipeline()
+    handle, generation = loramerge.compose_recipe(pipe, recipe)
+    assert generation == {"guidance_scale": 4.0}
+    assert handle.method == "switch" and handle.tau == 2 and handle.weights == [1.2, 0.8]
+    handle.remove()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"sources": [LORAS[0]], "compose": {"method": "blend"}}))
+    with pytest.raises(loramerge.LoraMergeError, match="line"):
+        load_recipe(bad)
