@@ -230,6 +230,16 @@ def test_own_prompts_give_each_lora_its_own_encoding(pipe, latents):
     assert len(seen) == STEPS * len(PAIR)
 
 
+def test_own_prompts_hold_across_generations(pipe, latents):
+    other = ["a handwritten four, bold, slanted", "a handwritten nine, bold, slanted"]
+    with loramerge.compose(pipe, paths(), method="switch", prompts="own") as handle:
+        run(pipe, latents)
+        second = run(pipe, latents, prompts=other)
+    with loramerge.compose(pipe, paths(), method="switch", prompts="own"):
+        fresh = run(pipe, latents, prompts=other)
+    assert torch.equal(second, fresh) and handle.unmatched_rows == 0
+
+
 def test_strip_phrase():
     assert strip_phrase("a handwritten seven, bold, slanted", "bold") == "a handwritten seven, slanted"
     assert strip_phrase("bold, a seven", "bold") == "a seven"

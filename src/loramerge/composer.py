@@ -476,6 +476,7 @@ class Composition:
 
         @functools.wraps(original)
         def encode_prompt(*args, **kwargs):
+            self._subst_cache.clear()  # a new generation: its tensors are new
             canonical = original(*args, **kwargs)
             bound = signature.bind_partial(*args, **kwargs)
             if all(bound.arguments.get(a) is None for a in _PROMPT_ARGS):
@@ -511,8 +512,10 @@ class Composition:
         if isinstance(value, torch.Tensor):
             if value.dim() < 2 or not self._rows:
                 return value
-            cache_key = (id(value), value.data_ptr(), value._version, tuple(value.shape))
-            cached = self._subst_cache.get(cache_key)
+            cache_key = (id(value), value._version)
+            entry = self._subst_cache.get(cache_key)
+            # the entry holds the tensor itself, so its id cannot be reused while cached
+            cached = entry[1] if entry is not None and entry[0] is value else None
             if cached is None:
                 rows = [self._rows.get(_row_key(value[r])) for r in range(value.shape[0])]
                 if not any(rows):
@@ -521,7 +524,7 @@ class Composition:
                     self.unmatched_rows += sum(r is None for r in rows)
                     cached = [torch.stack([value[r] if rows[r] is None else rows[r][i].to(value.dtype)
                                            for r in range(value.shape[0])]) for i in range(len(self.loras))]
-                self._subst_cache[cache_key] = cached
+                self._subst_cache[cache_key] = (value, cached)
             return cached[index]
         if isinstance(value, tuple):
             return tuple(self._substitute(v, index) for v in value)
