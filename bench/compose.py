@@ -20,6 +20,7 @@ digits: the ceiling the detectors allow for each pair, not a method.
 Seeds are fixed, so a rerun prints the same table. Writes compose.md, compose.csv and
 compose.png into --out (atomically), and compose-partial.csv after each pair.
 Run: python bench/compose.py [--out DIR] [--samples 10] [--budget 24] [--skip-learned] [--skip-tune]
+     [--static linear,knots] [--pairs bold+slanted,...] [--combine DIR DIR ...]
 """
 
 from __future__ import annotations
@@ -108,7 +109,10 @@ def run_pair(pair: Pair, args, start) -> None:
     a, b = pair.styles
     loras = list(pair.loras.values())
     reduced = max(m.rank for lora in loras for m in lora) // 2
+    chosen = [x.strip() for x in args.static.split(",")] if args.static else None
     for label, method, params in MIXES:
+        if chosen is not None and label not in chosen:
+            continue
         merged = comp.merged_for(method, loras, [1.0, 1.0], reduced_rank=reduced, **params)
         with comp.with_mix(pair.pipe, {"m": merged}, {"m": 1.0}):
             pair.score(label, *pair.generate(), "static")
@@ -181,6 +185,7 @@ def main() -> None:
     parser.add_argument("--skip-tune", action="store_true")
     parser.add_argument("--ray", action="store_true", help="tune on a local Ray cluster")
     parser.add_argument("--pairs", help="comma list such as bold+slanted,shifted+small (default: all six)")
+    parser.add_argument("--static", help="comma list of the static rows to run (labels as in the table; default: all)")
     parser.add_argument("--combine", nargs="+", type=Path,
                         help="write the tables from the compose-partial.csv of runs made with --pairs")
     args = parser.parse_args()
