@@ -244,7 +244,10 @@ def write_outputs(rows, alone, args) -> None:
     pairs = list(dict.fromkeys(r["pair"] for r in rows))
 
     def cell(mix, pair, key):
-        return next(r[key] for r in rows if r["mix"] == mix and r["pair"] == pair)
+        return next((r[key] for r in rows if r["mix"] == mix and r["pair"] == pair), None)
+
+    def kind_of(mix):
+        return next(r["kind"] for r in rows if r["mix"] == mix)
 
     lines = ["# Composition benchmark", "",
              f"{args.samples} samples per digit, seed {args.seed}. Cells: composition score (digit accuracy × the "
@@ -253,22 +256,23 @@ def write_outputs(rows, alone, args) -> None:
              + ", ".join(f"{s} hits {v.hits[s]:.2f} (digits {v.accuracy:.2f})" for s, v in alone.items()), "",
              "| kind | mix | " + " | ".join(pairs) + " | mean | 5-9 | acc |", "|---|---|" + "---:|" * (len(pairs) + 3)]
     means = {}
-    for mix in mixes:
+    for mix in mixes:  # a row run on some pairs only has its mean over those (marked *)
         values = [cell(mix, p, "composition") for p in pairs]
-        means[mix] = sum(values) / len(values)
-        held = np.nanmean([cell(mix, p, "composition_5_9") for p in pairs])
-        accuracy = np.mean([cell(mix, p, "digit_accuracy") for p in pairs])
-        kind = cell(mix, pairs[0], "kind")
-        lines.append(f"| {kind} | {mix} | " + " | ".join(f"{v:.2f}" for v in values)
-                     + f" | **{means[mix]:.2f}** | {held:.2f} | {accuracy:.2f} |")
+        present = [v for v in values if v is not None]
+        means[mix] = sum(present) / len(present)
+        held = np.nanmean([cell(mix, p, "composition_5_9") for p in pairs if cell(mix, p, "composition_5_9") is not None])
+        accuracy = np.mean([v for v in (cell(mix, p, "digit_accuracy") for p in pairs) if v is not None])
+        star = "" if len(present) == len(pairs) else "*"
+        lines.append(f"| {kind_of(mix)} | {mix} | " + " | ".join("–" if v is None else f"{v:.2f}" for v in values)
+                     + f" | **{means[mix]:.2f}**{star} | {held:.2f}{star} | {accuracy:.2f}{star} |")
     lines += ["", "Per pair, digit accuracy / retention of each style (all digits):", "",
               "| mix | " + " | ".join(pairs) + " |", "|---|" + "---|" * len(pairs)]
     for mix in mixes:
         cells = []
         for p in pairs:
-            r = next(r for r in rows if r["mix"] == mix and r["pair"] == p)
-            ret = [f"{r[k]:.2f}" for k in sorted(r) if k.startswith("retention_")]
-            cells.append(f"{r['digit_accuracy']:.2f} / {' '.join(ret)}")
+            r = next((r for r in rows if r["mix"] == mix and r["pair"] == p), None)
+            ret = [f"{r[k]:.2f}" for k in sorted(r) if k.startswith("retention_")] if r else []
+            cells.append(f"{r['digit_accuracy']:.2f} / {' '.join(ret)}" if r else "–")
         lines.append(f"| {mix} | " + " | ".join(cells) + " |")
     notes = [f"- {r['mix']} ({r['pair']}): {r['note']}" for r in rows if r.get("note") and r["kind"] in ("tuned", "learned")]
     if notes:
@@ -284,7 +288,7 @@ def write_outputs(rows, alone, args) -> None:
     fig, ax = plt.subplots(figsize=(8, 7))
     order = sorted(mixes, key=lambda m: means[m])
     colours = {"static": "#4a7ab8", "inference": "#e67e22", "learned": "#8e44ad", "tuned": "#27ae60", "reference": "#999999"}
-    ax.barh(order, [means[m] for m in order], color=[colours[cell(m, pairs[0], "kind")] for m in order])
+    ax.barh(order, [means[m] for m in order], color=[colours[kind_of(m)] for m in order])
     ax.set_xlabel("mean composition score over style pairs (all digits)")
     ax.set_xlim(0, 1)
     fig.tight_layout()
