@@ -23,3 +23,5 @@ def test_demo_writes_a_page_whose_images_exist(tmp_path):
         merged = loramerge.load(tmp_path / "demo" / f"merged_{method}.safetensors")
         assert merged.arch == "sd1" and len(merged) > 0
     assert (tmp_path / "demo" / "fused_pipeline" / "model_index.json").is_file()
+    for label in ("composite, own prompts", "switch, own prompts", "k-lora"):  # inference-time rows
+        assert f"<b>compose: {label}" in html

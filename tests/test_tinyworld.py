@@ -271,7 +271,7 @@ def test_training_scripts_smoke(tmp_path):
 
 def test_real_reference_row_is_the_detectors_ceiling():
     """Both transforms on real digits: bold and slanted compose; shrinking thins bold strokes."""
-    from loramerge import composition
+    from loramerge.tinyworld import composition
 
     both = composition.real_reference(("bold", "slanted"))
     assert both.accuracy >= 0.85 and min(both.retention.values()) >= 0.95, both

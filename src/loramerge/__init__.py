@@ -14,5 +14,8 @@ from .io import load, save  # noqa: E402
 from .merge import merge  # noqa: E402
 from .methods import METHODS  # noqa: E402
 from .runtime import LiveMix, attach  # noqa: E402
+from .composer import Composition, compose  # noqa: E402
+from .recipe import compose_recipe  # noqa: E402
 
-__all__ = ["load", "save", "merge", "attach", "LiveMix", "LoRA", "LoraModule", "LoraMergeError", "METHODS", "__version__"]
+__all__ = ["load", "save", "merge", "attach", "LiveMix", "compose", "compose_recipe", "Composition", "LoRA", "LoraModule",
+           "LoraMergeError", "METHODS", "__version__"]

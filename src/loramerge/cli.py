@@ -116,6 +116,8 @@ def merge(
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection of the inputs."),
     title: Optional[str] = typer.Option(None, "--title", help="modelspec.title of the output."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base pipeline folder: learned methods (ziplora, soups_cat) train on it."),
+    prompts: List[str] = typer.Option([], "--prompts", help="Prompt template for learned methods; {trigger} = the LoRA's trigger phrase (repeatable)."),
 ):
     """Merge LoRAs on ΔW and write one LoRA file (from arguments, or from --recipe)."""
     content_flags = {"--method": method, "--rank": rank, "--energy": energy, "--space": space, "--param": param or None,
@@ -144,6 +146,13 @@ def merge(
                 method=method or "linear", params=params, rank=rank, energy=energy, seed=seed or 0,
                 block_weights=block_weights, format=format, dtype=dtype, title=title, device=device, arch=arch,
             )
+        if plan.compose:
+            raise UsageError(f"this recipe composes the LoRAs at inference time (compose.method "
+                             f"{plan.compose['method']}); use it with loramerge.compose_recipe, there is no file to merge")
+        if base is not None:
+            plan.params["base"] = str(base)
+        if prompts:
+            plan.params["prompts"] = "|".join(prompts)
         target = output or plan.output
         if target is None:
             raise UsageError("no output: give -o or output.path in the recipe")
@@ -157,7 +166,8 @@ def merge(
             task = progress.add_task(f"merging ({plan.method})", total=None)
 
             def tick(done, total, key):
-                progress.update(task, completed=done, total=total)
+                stage = "training" if key == "training" else "merging"
+                progress.update(task, completed=done, total=total, description=f"{stage} ({plan.method})")
 
             result = merge_loras(loras, progress=tick, **plan.merge_kwargs())
         extra = {"modelspec.title": plan.title} if plan.title else None
@@ -399,7 +409,7 @@ def demo(
     """Merge two style LoRAs of the bundled digit world with several methods, fuse, live-mix, score, write index.html."""
 
     def body():
-        from .demo import run_demo
+        from .tinyworld.demo import run_demo
 
         chosen = tuple(s.strip() for s in styles.split(",") if s.strip())
         if len(chosen) != 2:
@@ -410,6 +420,92 @@ def demo(
                   highlight=False, soft_wrap=True)
 
     run_guarded(body, threads)
+
+
+@app.command()
+def tune(
+    sources: List[str] = typer.Argument(..., help="Two or more LoRA files."),
+    objective: str = typer.Option("tinyworld", "--objective", help="tinyworld, clip:CLIP_DIR or module:function (higher is better)."),
+    method: str = typer.Option("linear", "--method", "-m", help="A merge method, or compose:switch|composite|klora|mix (inference time)."),
+    space: str = typer.Option("weights", "--space", help="What to search: weights, blocks, params, guidance (comma list)."),
+    budget: int = typer.Option(24, "--budget", help="Number of evaluations."),
+    popsize: int = typer.Option(6, "--popsize", help="Candidates per generation (asked together, told together)."),
+    sampler: str = typer.Option("cmaes", "--sampler", help="cmaes, tpe or random (optuna)."),
+    seed: int = typer.Option(0, "--seed"),
+    base: Optional[Path] = typer.Option(None, "--base", help="Pipeline folder (default for tinyworld: the bundled one)."),
+    prompts: List[str] = typer.Option([], "--prompts", help="Prompts for the clip objective (repeatable)."),
+    digits: str = typer.Option("0-4", "--digits", help="tinyworld: the digits scored while tuning (keep the rest for testing)."),
+    samples: int = typer.Option(4, "--samples", help="Samples per digit (tinyworld) or per prompt."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Denoising steps per image (default: the objective's)."),
+    param: List[str] = typer.Option([], "--param", "-p", help="Fixed method or compose parameter NAME=VALUE (repeatable)."),
+    ray: bool = typer.Option(False, "--ray", help="Evaluate on a local Ray cluster (one actor per CPU slot / GPU)."),
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Evaluate on an existing Ray cluster."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Ray actors (default: one per CPU slot or GPU)."),
+    journal: Optional[Path] = typer.Option(None, "--journal", help="Journal file (default OUT/journal.jsonl); a rerun resumes it."),
+    out_dir: Path = typer.Option(Path("loramerge-tune"), "--out", help="Folder for best.yaml, trials.csv/.md, tune.png."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+):
+    """Search weights, block weights and method parameters against an objective (CMA-ES or optuna; serial or Ray)."""
+
+    def body():
+        from .tune import TuneConfig, tune as run_tune
+
+        fixed = {k: _number_or_text(v) for k, v in _parse_params(param).items()}
+        config = TuneConfig(
+            sources=[str(Path(s).resolve()) for s in sources], objective=objective, method=method,
+            space=tuple(x.strip() for x in space.split(",") if x.strip()), budget=budget, popsize=popsize,
+            sampler=sampler, seed=seed, base=str(base.resolve()) if base else None, prompts=list(prompts),
+            digits=_digit_range(digits), samples=samples, steps=steps,
+            compose_params=fixed if method.startswith("compose:") else {},
+            method_params={} if method.startswith("compose:") else fixed,
+        )
+        if method.startswith("compose:"):
+            from .composer import COMPOSE_METHODS
+
+            if method.split(":", 1)[1] not in COMPOSE_METHODS:
+                raise UsageError(f"unknown composition method {method.split(':', 1)[1]!r}; available: {', '.join(COMPOSE_METHODS)}")
+        else:
+            from .methods import get_method
+
+            get_method(method).resolve_params(fixed)
+        with make_progress() as progress:
+            task = progress.add_task("tuning", total=budget)
+            best = [float("-inf")]
+
+            def tick(done, total, score):
+                best[0] = max(best[0], score)
+                progress.update(task, completed=done, description=f"tuning (best {best[0]:.3f})")
+
+            result = run_tune(config, out_dir, journal=journal, ray=ray, ray_address=ray_address, workers=workers,
+                              progress=tick)
+        b = result.best
+        out.print(f"best: trial {b['trial']} score {b['result']['score']:.4f}  "
+                  + "  ".join(f"{k} {v:.3f}" for k, v in b["candidate"]["values"].items()), highlight=False, soft_wrap=True)
+        err.print("wrote " + ", ".join(str(p) for p in result.outputs), highlight=False, soft_wrap=True)
+
+    run_guarded(body, threads)
+
+
+def _number_or_text(value: str):
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
+def _digit_range(text: str) -> tuple[int, ...]:
+    digits: list[int] = []
+    for part in text.split(","):
+        lo, sep, hi = part.strip().partition("-")
+        try:
+            digits += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+        except ValueError:
+            raise UsageError(f"--digits takes digits and ranges such as 0-4 or 0,2,5; got {text!r}") from None
+    if not digits or any(not 0 <= d <= 9 for d in digits):
+        raise UsageError(f"--digits must name digits 0-9; got {text!r}")
+    return tuple(digits)
 
 
 @app.command()

@@ -11,7 +11,7 @@ from .errors import AmbiguousArchitectureError
 from .formats import archs, read_lora, save_lora
 from .formats.write import dtype_name, resolve_dtype, resolve_format
 from .lora import LoRA
-from .recipe import RECIPE_KEY, embedded
+from .provenance import RECIPE_KEY, embedded
 
 
 def load(path: str | os.PathLike, arch: str | None = None) -> LoRA:

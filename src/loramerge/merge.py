@@ -74,7 +74,10 @@ def merge(
         shape = _check_shapes(terms, inputs)
         return terms, ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key), dtype=compute_dtype)
 
-    shared = the_method.prepare((module_terms(k) for k in keys), resolved) if the_method.prepare else None
+    if the_method.learn is not None:  # learned methods fit their coefficients on the base pipeline
+        shared = the_method.learn(inputs, [module_terms(k) for k in keys], resolved, seed=seed, progress=progress)
+    else:
+        shared = the_method.prepare((module_terms(k) for k in keys), resolved) if the_method.prepare else None
     modules, stats = [], {}
     for i, key in enumerate(keys):
         terms, ctx = module_terms(key)

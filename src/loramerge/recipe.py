@@ -25,15 +25,18 @@ from typing import Any
 
 import yaml
 
-from .errors import LoraMergeError
+from .composer import COMPOSE_METHODS, Composition, compose
+from .errors import LoraMergeError, UsageError
 from .formats.write import formats, resolve_dtype
 from .methods import METHODS, get_method
 from .outputs import sha256_file
+from .provenance import RECIPE_KEY, RecipeError, embedded  # noqa: F401  (re-exported)
 
 TOP_LEVEL = ("sources", "method", "params", "space", "rank", "energy", "seed", "block_weights",
-             "output", "device", "arch")
+             "output", "device", "arch", "compose")
+# compose: the LoRAs are composed at inference time (loramerge.compose), not merged into a file
+COMPOSE_FIELDS = ("method", "tau", "prompts", "triggers", "alpha", "beta", "pattern", "guidance_scale")
 SOURCE_FIELDS = ("path", "weight", "block_weights", "sha256")
-RECIPE_KEY = "loramerge.recipe"  # the header field a merged file carries its recipe in
 OUTPUT_FIELDS = ("path", "format", "dtype", "title")
 
 
@@ -46,10 +49,6 @@ def parse_source(spec: str) -> tuple[str, float]:
         except ValueError:
             pass
     return spec, 1.0
-
-
-class RecipeError(LoraMergeError):
-    """A recipe that cannot be run; the message names the line and the field."""
 
 
 @dataclass
@@ -76,6 +75,7 @@ class Recipe:
     device: str | None = None
     arch: str | None = None  # read every source as this architecture
     path: Path | None = None
+    compose: dict | None = None  # {method: switch|composite|klora|…, its parameters, guidance_scale}
 
     def merge_kwargs(self) -> dict:
         block_weights = [s.block_weights if s.block_weights is not None else self.block_weights for s in self.sources]
@@ -142,6 +142,8 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         recipe.arch = v.arch(top["arch"])
     if "output" in top:
         v.output(top["output"], recipe, base)
+    if "compose" in top:
+        recipe.compose = v.compose(top["compose"])
     return recipe
 
 
@@ -252,6 +254,17 @@ class _Validator:
             self.fail(node, where, f"no such file {name!r}")
         return path
 
+    def compose(self, node) -> dict:
+
+        fields = self.mapping(node, "compose", COMPOSE_FIELDS)
+        if "method" not in fields:
+            self.fail(node, "compose", "missing method")
+        out = {name: _plain(value) for name, value in fields.items()}
+        if out["method"] not in COMPOSE_METHODS:
+            self.fail(fields["method"], "compose.method", f"unknown composition method {out['method']!r}; "
+                      f"available: {', '.join(COMPOSE_METHODS)}")
+        return out
+
     def output(self, node, recipe: Recipe, base: Path) -> None:
         if isinstance(node, yaml.ScalarNode):
             recipe.output = base / self.scalar(node, "output", str)
@@ -278,22 +291,6 @@ class _Validator:
 # the recipe a merged file carries, back to YAML
 
 
-def embedded(metadata: dict[str, str], path=None) -> dict | None:
-    """The recipe a file's header carries (None when it carries none)."""
-    import json
-
-    raw = metadata.get(RECIPE_KEY)
-    if raw is None:
-        return None
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):
-        raise RecipeError(f"header field {RECIPE_KEY} is not valid JSON", path) from None
-    if not isinstance(data, dict) or not isinstance(data.get("sources"), list) or "method" not in data:
-        raise RecipeError(f"header field {RECIPE_KEY} is not a loramerge recipe", path)
-    return data
-
-
 def to_yaml(recipe: dict, near: Path | None = None) -> str:
     """A YAML recipe (the schema of :func:`parse_recipe`) from an embedded one. Source paths,
     recorded relative to the merged file ``near``, are written relative to the working directory."""
@@ -315,3 +312,21 @@ def to_yaml(recipe: dict, near: Path | None = None) -> str:
     if output:
         out["output"] = output
     return yaml.safe_dump(out, sort_keys=False, allow_unicode=True)
+
+
+def compose_recipe(pipe, recipe) -> tuple[Composition, dict]:
+    """Compose a recipe's sources as its ``compose:`` section says (a recipe file, or a Recipe);
+    returns the handle and the generation settings to pass to ``pipe(...)`` (guidance_scale)."""
+    plan = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    if not plan.compose:
+        raise UsageError("this recipe has no compose: section (merge it with loramerge merge --recipe)")
+    settings = dict(plan.compose)
+    method = settings.pop("method")
+    generation = {"guidance_scale": settings.pop("guidance_scale")} if "guidance_scale" in settings else {}
+    names = [f"{i}:{s.path.stem}" for i, s in enumerate(plan.sources)]
+    blocks = {n: s.block_weights if s.block_weights is not None else plan.block_weights
+              for n, s in zip(names, plan.sources)}
+    handle = compose(pipe, {n: s.path for n, s in zip(names, plan.sources)}, method,
+                     weights={n: s.weight for n, s in zip(names, plan.sources)},
+                     block_weights={n: b for n, b in blocks.items() if b is not None} or None, **settings)
+    return handle, generation

@@ -10,7 +10,7 @@ import math
 from . import linalg
 from .formats import archs
 from .lora import LoRA, LoraModule
-from .recipe import embedded
+from .provenance import embedded
 
 
 def block_of(spec: archs.Architecture, module: LoraModule) -> str:

@@ -47,6 +47,18 @@ def _find_module(pipe, component: str, name: str) -> torch.nn.Module | None:
     return None
 
 
+def tensors_in(value) -> list[torch.Tensor]:
+    """Every tensor in a nest of tuples, lists, dicts and diffusers/transformers outputs, in order."""
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in tensors_in(v)]
+    if isinstance(value, dict) or hasattr(value, "to_tuple"):
+        items = value.values() if isinstance(value, dict) else value.to_tuple()
+        return [t for v in items for t in tensors_in(v)]
+    return []
+
+
 def pipeline_arch(pipe) -> str | None:
     """The architecture of a diffusers pipeline object (None when no entry knows it)."""
     configs = {}

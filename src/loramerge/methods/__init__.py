@@ -85,6 +85,9 @@ class Method:
     # prepare(iterable of (terms, ctx), params) → the value each ctx.shared receives.
     prepare: Callable | None = None
     check: Callable[[dict], None] | None = None  # validates the resolved parameters once
+    # Learned methods fit on the base pipeline first: learn(inputs, [(terms, ctx)…], params,
+    # seed=, progress=) → the value each ctx.shared receives (instead of prepare).
+    learn: Callable | None = None
 
     def resolve_params(self, given: dict[str, Any]) -> dict[str, Any]:
         known = {p.name: p for p in self.params}
@@ -102,9 +105,9 @@ METHODS: dict[str, Method] = {}
 
 
 def register(name: str, summary: str, params: tuple[Param, ...] = (), uses_rank: bool = False,
-             prepare: Callable | None = None, check: Callable | None = None):
+             prepare: Callable | None = None, check: Callable | None = None, learn: Callable | None = None):
     def decorate(fn: MethodFn) -> MethodFn:
-        METHODS[name] = Method(name, fn, summary, params, uses_rank, prepare, check)
+        METHODS[name] = Method(name, fn, summary, params, uses_rank, prepare, check, learn)
         return fn
 
     return decorate
@@ -117,4 +120,4 @@ def get_method(name: str) -> Method:
         raise UsageError(f"unknown merge method {name!r}; available: {', '.join(sorted(METHODS))}") from None
 
 
-from . import linear, sparsify, spectral  # noqa: E402,F401  (each module registers its methods)
+from . import learned, linear, sparsify, spectral  # noqa: E402,F401  (each module registers its methods)

@@ -6,18 +6,29 @@ methods, fused into a copy of the pipeline and live-mixed; every variant scored 
 from __future__ import annotations
 
 import html
+import io
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+from .. import tinyworld as tw
+from ..atomic import atomic_write
+from ..fuse import fuse
+from ..io import save
 from . import composition as comp
-from . import tinyworld as tw
-from .fuse import fuse
-from .io import save
 
 METHODS = ("linear", "svd", "ties", "dare_ties", "knots", "tsv", "iso_c")
+# inference-time compositions shown beside the merges: (label, method, parameters, guidance, note)
+COMPOSED = (
+    ("compose: composite, own prompts, guidance x2", "composite", {"prompts": "own"}, 2 * tw.DEFAULT_GUIDANCE,
+     "each LoRA's pass sees only its own trigger word; guidance directions summed (composable diffusion)"),
+    ("compose: switch, own prompts, guidance x2", "switch", {"prompts": "own", "tau": 1}, 2 * tw.DEFAULT_GUIDANCE,
+     "LoRA Switch, the LoRAs alternating every step"),
+    ("compose: k-lora", "klora", {}, tw.DEFAULT_GUIDANCE, "K-LoRA: per layer and step, the LoRA with the larger top-k |ΔW|"),
+    ("compose: composite", "composite", {}, tw.DEFAULT_GUIDANCE, "LoRA Composite: per-LoRA predictions averaged"),
+)
 
 
 def save_png(images: np.ndarray, path: Path, scale: int = 3) -> None:
@@ -32,7 +43,9 @@ def save_png(images: np.ndarray, path: Path, scale: int = 3) -> None:
         r, c = divmod(i, cols)
         canvas[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = 1.0 - image
     picture = Image.fromarray((canvas.clip(0, 1) * 255).astype(np.uint8), mode="L")
-    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(path)
+    buffer = io.BytesIO()
+    picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(buffer, format="PNG")
+    atomic_write(path, buffer.getvalue())
 
 
 def _by_digit(images, per_digit: int) -> np.ndarray:
@@ -75,6 +88,12 @@ def run_demo(out_dir: Path = Path("loramerge-demo"), styles=("bold", "slanted"),
     with comp.with_mix(pipe, loras, {s: 1.0 for s in styles}):
         score, images = comp.measure(pipe, "live mix, weights 1 + 1", styles, per_digit, seed, denominators)
     record(score, images, "live_mix", "both LoRAs attached, patched in place")
+    from ..composer import compose
+
+    for i, (label, method, params, guidance, note) in enumerate(COMPOSED):
+        with compose(pipe, loras, method=method, **params):
+            score, images = comp.measure(pipe, label, styles, per_digit, seed, denominators, guidance=guidance)
+        record(score, images, f"compose_{i}_{method}", note)
 
     fused_dir = out_dir / "fused_pipeline"
     shutil.rmtree(fused_dir, ignore_errors=True)
@@ -84,7 +103,7 @@ def run_demo(out_dir: Path = Path("loramerge-demo"), styles=("bold", "slanted"),
     record(score, images, "fused", "loramerge fuse → from_pretrained")
 
     page = out_dir / "index.html"
-    page.write_text(_html(rows, styles, per_digit, time.perf_counter() - start))
+    atomic_write(page, _html(rows, styles, per_digit, time.perf_counter() - start))
     return page
 
 

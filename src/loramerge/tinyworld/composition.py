@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import tinyworld as tw
-from .lora import LoRA
-from .io import load
-from .merge import merge
-from .methods import get_method
-from .runtime import attach
+from .. import tinyworld as tw
+from ..io import load
+from ..lora import LoRA
+from ..merge import merge
+from ..methods import get_method
+from ..runtime import attach
 
 
 @dataclass
@@ -45,10 +45,10 @@ class Score:
         return out
 
 
-def sample(pipe, styles, per_digit: int, seed: int):
+def sample(pipe, styles, per_digit: int, seed: int, guidance: float = tw.DEFAULT_GUIDANCE):
     """Images for every digit, prompted with the styles' trigger words, and the digits."""
     prompts, digits = tw.digit_prompts(per_digit=per_digit, styles=list(styles))
-    return tw.generate(pipe, prompts, seed=seed), digits
+    return tw.generate(pipe, prompts, seed=seed, guidance=guidance), digits
 
 
 def score_images(label: str, images, digits, styles, alone: dict[str, float] | None = None) -> Score:
@@ -61,8 +61,9 @@ def score_images(label: str, images, digits, styles, alone: dict[str, float] | N
     return score
 
 
-def measure(pipe, label: str, styles, per_digit: int, seed: int, alone: dict[str, float] | None = None):
-    images, digits = sample(pipe, styles, per_digit, seed)
+def measure(pipe, label: str, styles, per_digit: int, seed: int, alone: dict[str, float] | None = None,
+            guidance: float = tw.DEFAULT_GUIDANCE):
+    images, digits = sample(pipe, styles, per_digit, seed, guidance)
     return score_images(label, images, digits, styles, alone), images
 
 
@@ -70,7 +71,7 @@ def real_reference(styles) -> Score:
     """The same measurements on held-out real digits with every style's transform applied: the
     ceiling of what the detectors can report for this combination (some transforms fight, e.g.
     shrinking a digit thins the strokes that bold thickened)."""
-    from .tinyworld import data
+    from . import data
 
     images, digits = data.load_split("held_out")
     alone = {s: float(tw.style_hits(data.TRANSFORMS[s](images), [s])[s].mean()) for s in styles}
