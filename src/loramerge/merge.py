@@ -16,7 +16,7 @@ import torch
 from .errors import ArchitectureMismatchError, ShapeMismatchError, UsageError
 from .formats import read_lora
 from .lora import LoRA, LoraModule
-from .methods import ModuleContext, Term, get_method
+from .methods import ModuleContext, Term, check_number, get_method
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -54,9 +54,7 @@ def merge(
     inputs = [x if isinstance(x, LoRA) else load(x) for x in loras]
     if not inputs:
         raise UsageError("nothing to merge: give at least one LoRA")
-    weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(inputs):
-        raise UsageError(f"{len(inputs)} LoRAs but {len(weights)} weights")
+    weights = _check_weights(weights, len(inputs))
     the_method = get_method(method)
     resolved = the_method.resolve_params(params)
     _check_rank_options(the_method, rank, energy)
@@ -69,7 +67,7 @@ def merge(
 
     def module_terms(key: str):
         terms = [
-            Term(lora[key], w * (bw.weight_for(lora[key]) if bw else 1.0), idx)
+            Term(lora[key], _block_weighted(w, bw, lora[key]), idx)
             for idx, (lora, w, bw) in enumerate(zip(inputs, weights, per_input_blocks))
             if key in lora
         ]
@@ -103,6 +101,30 @@ def merge(
     result = LoRA(modules, inputs[0].arch, "merged", provenance(inputs, recipe))
     result.stats = stats
     return result
+
+
+def _check_weights(weights, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise UsageError(f"weights must be numbers, got {list(weights)!r}") from None
+    if len(weights) != n:
+        raise UsageError(f"{n} LoRAs but {len(weights)} weights")
+    for i, w in enumerate(weights):
+        check_number(f"weight {i + 1}", w)
+    return weights
+
+
+def _block_weighted(weight: float, block_weights, module: LoraModule) -> float:
+    """The input's weight times its block weight for ``module`` (checked: a block weight of
+    nan or 1e300 must not reach the factors)."""
+    if block_weights is None:
+        return weight
+    w = weight * block_weights.weight_for(module)
+    check_number(f"weight × block weight of {module.key}", w)
+    return w
 
 
 def _check_rank_options(method, rank, energy) -> None:

@@ -8,6 +8,7 @@ CLI, recipes and the Python API all find it in :data:`METHODS`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,15 +29,32 @@ class Param:
     high: float | None = None
 
     def coerce(self, value: Any) -> Any:
-        try:
-            value = self.kind(value)
-        except (TypeError, ValueError):
-            raise UsageError(f"parameter {self.name!r} must be a {self.kind.__name__}, got {value!r}") from None
+        value = self._convert(value)
         if self.choices is not None and value not in self.choices:
             raise UsageError(f"parameter {self.name!r} must be one of {', '.join(map(str, self.choices))}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise UsageError(f"parameter {self.name!r} must lie in [{self.low}, {self.high}], got {value}")
+        if self.kind in (int, float):
+            check_number(f"parameter {self.name!r}", value, self.low, self.high)
         return value
+
+    def _convert(self, value: Any) -> Any:
+        try:
+            if self.kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError  # int() would truncate 2.5 and choke on nan/inf
+            return self.kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(f"parameter {self.name!r} must be a {self.kind.__name__}, got {value!r}") from None
+
+
+MAX_MAGNITUDE = 1e6  # no weight or parameter means anything beyond this; 1e300 would overflow
+
+
+def check_number(what: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Refuse NaN, ±Inf and absurd magnitudes (NaN passes every comparison, so test it first),
+    then the declared range."""
+    if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+        raise UsageError(f"{what} must be a finite number of magnitude at most {MAX_MAGNITUDE:g}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise UsageError(f"{what} must lie in [{low}, {high}], got {value}")
 
 
 @dataclass

@@ -32,8 +32,8 @@ from . import ModuleContext, Param, Term
 SPACE_PARAMS = (
     Param("space", str, "core", "core: merge in Core Space (exact bases, R×R); full: on the dense delta",
           choices=("core", "full")),
-    Param("oversample", int, 10, "randomized SVD oversampling (full space)", low=0),
-    Param("power_iters", int, 2, "randomized SVD power iterations (full space)", low=0),
+    Param("oversample", int, 10, "randomized SVD oversampling (full space)", low=0, high=500),
+    Param("power_iters", int, 2, "randomized SVD power iterations (full space; 1 to 3 is typical)", low=0, high=100),
 )
 _CHUNK_ELEMENTS = 1 << 16  # per task: rows × n kept near this, to stay in cache
 
