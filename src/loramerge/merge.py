@@ -16,6 +16,7 @@ import torch
 from .errors import ArchitectureMismatchError, ShapeMismatchError, UsageError
 from .formats import read_lora
 from .lora import LoRA, LoraModule
+from . import linalg
 from .methods import ModuleContext, Term, check_number, get_method
 
 ProgressFn = Callable[[int, int, str], None]
@@ -41,6 +42,7 @@ def merge(
     progress: ProgressFn | None = None,
     block_weights=None,
     compute_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
     **params,
 ) -> LoRA:
     """Merge LoRAs on ΔW: result ΔW = method({wᵢ·ΔWᵢ}) per module.
@@ -48,8 +50,10 @@ def merge(
     ``weights`` default to 1. Modules present in only some inputs are merged from those
     inputs alone (so they keep their own weight). ``rank``/``energy`` apply to methods that
     re-factorise (``svd``…). ``block_weights`` is one spec for every input or a list with one
-    per input (see :mod:`loramerge.blocks`); it multiplies each module's weight. The result's
-    header records the resolved recipe and each source's SHA-256.
+    per input (see :mod:`loramerge.blocks`); it multiplies each module's weight. ``dtype`` is
+    the dtype the result will be written in (default: the inputs'); methods that keep the exact
+    sum keep it to that precision. The result's header records the resolved recipe and each
+    source's SHA-256.
     """
     inputs = [x if isinstance(x, LoRA) else load(x) for x in loras]
     if not inputs:
@@ -63,7 +67,7 @@ def merge(
     per_input_blocks = _resolve_block_weights(block_weights, len(inputs), inputs[0].arch)
 
     keys = sorted(set().union(*(lora.modules for lora in inputs)))
-    out_dtype = _common_dtype(inputs)
+    out_dtype = _out_dtype(dtype, inputs)
 
     def module_terms(key: str):
         terms = [
@@ -72,23 +76,10 @@ def merge(
             if key in lora
         ]
         shape = _check_shapes(terms, inputs)
-        return terms, ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key), dtype=compute_dtype)
+        return terms, ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key), dtype=compute_dtype,
+                                    out_dtype=out_dtype)
 
-    shared = the_method.prepare((module_terms(k) for k in keys), resolved) if the_method.prepare else None
-    modules, stats = [], {}
-    for i, key in enumerate(keys):
-        terms, ctx = module_terms(key)
-        shape, ctx.shared = ctx.shape, shared
-        up, down = the_method.fn(terms, ctx, **resolved)
-        first = terms[0].module
-        modules.append(LoraModule.from_factors(
-            first.component, first.name, up.cpu(), down.cpu(), shape,
-            kind="lora", dtype=out_dtype, bias=_merged_bias(terms),
-        ))
-        if ctx.stats:
-            stats[key] = dict(ctx.stats)
-        if progress:
-            progress(i + 1, len(keys), key)
+    modules, stats = _run(the_method, resolved, keys, module_terms, out_dtype, compute_dtype, progress)
 
     recipe = {
         "method": method,
@@ -101,6 +92,30 @@ def merge(
     result = LoRA(modules, inputs[0].arch, "merged", provenance(inputs, recipe))
     result.stats = stats
     return result
+
+
+def _run(the_method, resolved: dict, keys: list[str], module_terms, out_dtype, compute_dtype, progress):
+    """The method over every module (after its prepare pass): (merged modules, their stats)."""
+    shared = the_method.prepare((module_terms(k) for k in keys), resolved) if the_method.prepare else None
+    modules, stats = [], {}
+    for i, key in enumerate(keys):
+        terms, ctx = module_terms(key)
+        shape, ctx.shared = ctx.shape, shared
+        up, down = the_method.fn(terms, ctx, **resolved)
+        if up.shape[1] == 0:  # nothing left (all tasks zero): one zero component, alpha/r stays defined
+            up, down = up.new_zeros(up.shape[0], 1), down.new_zeros(1, down.shape[1])
+        # methods may hand back float64; one rounding here (powers of two only before it)
+        up, down, scale = linalg.balance_for_storage(up, down)
+        first = terms[0].module
+        modules.append(LoraModule.from_factors(
+            first.component, first.name, up.to(compute_dtype).cpu(), down.to(compute_dtype).cpu(), shape,
+            alpha=up.shape[1] * scale, kind="lora", dtype=out_dtype, bias=_merged_bias(terms),
+        ))
+        if ctx.stats:
+            stats[key] = dict(ctx.stats)
+        if progress:
+            progress(i + 1, len(keys), key)
+    return modules, stats
 
 
 def _check_weights(weights, n: int) -> list[float]:
@@ -187,6 +202,12 @@ def _merged_bias(terms: list[Term]) -> torch.Tensor | None:
 def _common_dtype(inputs: list[LoRA]) -> torch.dtype:
     dtypes = {lora.dtype for lora in inputs}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _out_dtype(dtype, inputs: list[LoRA]) -> torch.dtype:
+    from .formats.write import resolve_dtype
+
+    return resolve_dtype(dtype) or _common_dtype(inputs)
 
 
 def _module_seed(seed: int, key: str) -> int:

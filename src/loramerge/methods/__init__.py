@@ -65,9 +65,10 @@ class Term:
     weight: float
     index: int  # position of the input LoRA
 
-    def scaled_factors(self, ctx: "ModuleContext") -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors of wᵢ·ΔWᵢ with the scale split evenly between them (for exact sums)."""
-        return self.module.scaled_factors(self.weight, ctx.dtype, ctx.device)
+    def scaled_factors(self, ctx: "ModuleContext", dtype: torch.dtype | None = None):
+        """Factors of wᵢ·ΔWᵢ with the scale split evenly between them (for exact sums), in the
+        compute dtype or ``dtype`` (float64 for what must be exact and rounded once)."""
+        return self.module.scaled_factors(self.weight, dtype or ctx.dtype, ctx.device)
 
     def folded_factors(self, ctx: "ModuleContext") -> tuple[torch.Tensor, torch.Tensor]:
         """(wᵢ·sᵢ·Bᵢ, Aᵢ): weight and scale folded into the up factor. Methods whose result
@@ -87,6 +88,7 @@ class ModuleContext:
     stats: dict[str, float] = field(default_factory=dict)  # what the method measured
     shared: Any = None  # what the method's prepare pass computed over all modules
     dtype: torch.dtype = torch.float32  # the math's dtype
+    out_dtype: torch.dtype = torch.float32  # the dtype the result is written in (its precision)
 
 
 MethodFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]
