@@ -146,11 +146,24 @@ def test_core_space_linear_is_exact_and_disjoint_ties_is_the_sum():
     assert rel(got[KEY].delta(F64), expected) < 1e-10
 
 
+def canonical_pairs(stack):
+    """Each task τᵢ as (Uᵢ√σᵢ, √σᵢVᵢᵀ) from a dense SVD, zero singular values dropped: the
+    factorisation Core Space and KnOTS take (signs do not matter: only Uᵢ√σᵢ·√σᵢVᵢᵀ and
+    BBᵀ = Σ Uᵢσᵢ Uᵢᵀ enter the bases and cores)."""
+    pairs = []
+    for t in stack:
+        U, S, Vh = torch.linalg.svd(t, full_matrices=False)
+        k = int((S > S[0] * max(t.shape) * torch.finfo(F64).eps).sum())
+        root = S[:k].sqrt()
+        pairs.append((U[:, :k] * root, root[:, None] * Vh[:k]))
+    return pairs
+
+
 def test_core_space_ties_matches_its_definition():
-    """Core Space: project onto the stacked factors' singular bases, TIES there, map back."""
+    """Core Space: project onto the stacked factors' singular bases, TIES there, map back;
+    each task enters with its canonical factors, so the result is a function of the τᵢ."""
     loras = make(TASKS, 6)
-    ups = [w * l[KEY].scale * l[KEY].factors(F64)[0] for l, w in zip(loras, WEIGHTS)]
-    downs = [l[KEY].factors(F64)[1] for l in loras]
+    ups, downs = zip(*canonical_pairs(taus(loras, WEIGHTS)))
     U_B = torch.linalg.svd(torch.cat(ups, 1), full_matrices=False)[0]
     V_A = torch.linalg.svd(torch.cat(downs, 0), full_matrices=False)[2]
     cores = torch.stack([U_B.T @ u @ d @ V_A.T for u, d in zip(ups, downs)])

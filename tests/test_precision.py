@@ -104,3 +104,14 @@ def test_the_output_dtype_can_be_given_to_merge(tmp_path):
     merged = loramerge.merge(loras, weights=WEIGHTS, method="linear", device="cpu", dtype="fp16")
     assert merged.dtype == torch.float16
     assert_within_two_ulps(written(merged, tmp_path, torch.float16), loras, WEIGHTS, torch.float16)
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {}), ("magnitude_prune", {"density": 1.0}),
+                                            ("dare_linear", {"density": 1.0})])
+def test_core_space_linear_merges_are_exact_in_float32(method, params, tmp_path):
+    """Core Space projects each task exactly (τᵢ = U_B·Mᵢ·V_A), so a linear rule there is the
+    exact sum: float32 math, float32 output, 2 ulps, also for the small, spread-out tasks."""
+    dtype = torch.float32
+    loras = [spread_lora(r, a, seed, dtype) for seed, (r, a) in enumerate(INPUTS)]
+    merged = loramerge.merge(loras, weights=WEIGHTS, method=method, device="cpu", space="core", **params)
+    assert_within_two_ulps(written(merged, tmp_path, dtype), loras, WEIGHTS, dtype)

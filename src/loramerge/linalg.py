@@ -76,6 +76,23 @@ def rank_at_precision(S: torch.Tensor, eps: float) -> int:
     return int((tail > limit).sum())
 
 
+def fix_signs(svd: LowRankSVD) -> LowRankSVD:
+    """Deterministic signs: the largest-magnitude entry of each left singular vector (the
+    first, on ties) is made positive, and the right vector flipped with it."""
+    if svd.S.numel() == 0:
+        return svd
+    rows = svd.U.abs().argmax(dim=0)
+    signs = torch.where(svd.U[rows, torch.arange(svd.U.shape[1])] < 0, -1.0, 1.0).to(svd.U.dtype)
+    return LowRankSVD(svd.U * signs, svd.S, signs[:, None] * svd.Vh)
+
+
+def canonical(up: torch.Tensor, down: torch.Tensor) -> LowRankSVD:
+    """ΔW = up@down as its own thin SVD, in float64, exact zeros dropped, signs fixed: a
+    function of ΔW alone, whatever factorisation (scaling, mixing, zero padding) it came in."""
+    svd = svd_of_product(up.double(), down.double())
+    return fix_signs(svd.truncate(numerical_rank(svd.S, (up.shape[0], down.shape[1]), torch.float64)))
+
+
 def rank_for_energy(S: torch.Tensor, energy: float) -> int:
     """The smallest k whose top-k singular values keep ``energy`` of Σσ² (Frobenius energy)."""
     sq = S.double() ** 2

@@ -71,8 +71,8 @@ class Term:
         return self.module.scaled_factors(self.weight, dtype or ctx.dtype, ctx.device)
 
     def folded_factors(self, ctx: "ModuleContext") -> tuple[torch.Tensor, torch.Tensor]:
-        """(wᵢ·sᵢ·Bᵢ, Aᵢ): weight and scale folded into the up factor. Methods whose result
-        depends on the basis (Core Space, KnOTS) use this one fixed convention."""
+        """(wᵢ·sᵢ·Bᵢ, Aᵢ): weight and scale folded into the up factor (full space: only their
+        dense product matters). Methods that depend on the split take canonical factors."""
         up, down = self.module.factors(ctx.dtype, ctx.device)
         return up * (self.weight * self.module.scale), down
 

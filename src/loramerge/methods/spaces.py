@@ -13,7 +13,13 @@ per entry (DARE, DELLA).
   vectors (both from thin QR + an R×R SVD); each task becomes Mᵢ = U_Bᵀ·τᵢ·V_Aᵀ =
   (U_Bᵀ Bᵢ)(Aᵢ V_Aᵀ), R×R, never m×n. The rule merges the Mᵢ; the result maps back as
   U_B·M·V_A. The projection is exact for every task (τᵢ = U_B Mᵢ V_A), so a linear rule
-  loses nothing.
+  loses nothing. All of it runs in float64 (it is small) and is rounded once.
+  Canonical factorisation: the bases depend on the factors, not only on their product, so
+  each task first becomes its own thin SVD, Bᵢ = Uᵢ·√σᵢ and Aᵢ = √σᵢ·Vᵢᵀ (weight and
+  alpha/r included, exact zeros dropped; the largest-magnitude entry of each column of Uᵢ is
+  made positive). Then BBᵀ = Σ Uᵢσᵢ Uᵢᵀ = Σ (τᵢτᵢᵀ)^½ and the result is a function of the
+  ΔWᵢ alone: the same for (c·up, down/c), (up·G, G⁻¹·down) or extra zero components. (The
+  Core Space code folds the scale into Bᵢ and keeps each file's own split.)
 Random draws are per task, from a generator seeded by the module and the task's input index,
 in row-major order: the same numbers whatever the chunking.
 """
@@ -64,11 +70,18 @@ def task_seed(module_seed: int, index: int) -> int:
     return (module_seed * 1_000_003 + index) % (1 << 63)
 
 
+def canonical_factors(terms: list[Term], ctx: ModuleContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each task τᵢ = wᵢ·ΔWᵢ as (Uᵢ·√σᵢ, √σᵢ·Vᵢᵀ) from its own thin SVD, float64, signs fixed
+    (:func:`linalg.canonical`): what an entry-wise rule in Core Space (or KnOTS) sees is then
+    a function of the ΔWᵢ alone, not of how each file split it into up and down."""
+    return [linalg.canonical(*t.scaled_factors(ctx, torch.float64)).factors()
+            for t in terms]
+
+
 def core_bases(terms: list[Term], ctx: ModuleContext) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(U_B m×R', V_A R''×n, [Mᵢ]) with Mᵢ = U_Bᵀ·wᵢΔWᵢ·V_Aᵀ, computed from the factors."""
-    # wᵢ·sᵢ goes into Bᵢ (as the Core Space code does): how a scale is split between the
-    # factors changes the bases, and so what an entry-wise rule sees.
-    pairs = [t.folded_factors(ctx) for t in terms]
+    """(U_B m×R', V_A R''×n, [Mᵢ]) with Mᵢ = U_Bᵀ·wᵢΔWᵢ·V_Aᵀ, from the canonical factors, in
+    float64 (R' ≤ Σrᵢ: all of this is small)."""
+    pairs = canonical_factors(terms, ctx)
     B, A = linalg.stack(pairs)
     U_B = _left_singular_basis(B)
     V_A = _left_singular_basis(A.T).T
@@ -77,18 +90,22 @@ def core_bases(terms: list[Term], ctx: ModuleContext) -> tuple[torch.Tensor, tor
 
 
 def _left_singular_basis(X: torch.Tensor) -> torch.Tensor:
-    """Left singular vectors of X (p×R) for its nonzero singular values: thin QR, then the SVD
-    of the small R×R triangle (X = Q·R = (Q·P)·Σ·Zᵀ)."""
+    """Left singular vectors of X (p×R, float64) for its nonzero singular values: thin QR, then
+    the SVD of the small R×R triangle (X = Q·R = (Q·P)·Σ·Zᵀ). Zero is measured at float64's
+    precision: a small task's directions are genuine, and dropping them loses the task."""
     Q, R = torch.linalg.qr(X)
-    P, S, _ = torch.linalg.svd(R.double(), full_matrices=False)
-    keep = int(linalg.numerical_rank(S, tuple(X.shape))) or 1
-    return Q @ P[:, :keep].to(X.dtype)
+    P, S, _ = torch.linalg.svd(R, full_matrices=False)
+    keep = linalg.numerical_rank(S, tuple(X.shape), torch.float64) or 1
+    return Q @ P[:, :keep]
 
 
 def _flush_noise(cores: torch.Tensor) -> torch.Tensor:
     """Set entries the projection left at rounding level to exactly zero: an entry-wise rule
-    must not count ±1e-17 as a task taking part (TIES would halve an entry only one task has)."""
-    floor = float(cores.abs().max()) * max(cores.shape[1:]) * torch.finfo(cores.dtype).eps
+    must not count ±1e-17 as a task taking part (TIES would halve an entry only one task has).
+    Rounding is relative to each task's own size, so the floor is per task; one floor for all
+    would erase a small task's genuine entries."""
+    size = cores.flatten(1).norm(dim=1).reshape(-1, 1, 1)
+    floor = size * max(cores.shape[1:]) * torch.finfo(cores.dtype).eps
     return torch.where(cores.abs() > floor, cores, torch.zeros_like(cores))
 
 
@@ -112,16 +129,22 @@ def _draws(generators, shape, dtype):
     return torch.stack([torch.rand(shape, generator=g, dtype=dtype) for g in generators])
 
 
+def uniform_draws(terms: list[Term], ctx: ModuleContext, shape) -> torch.Tensor:
+    """T×shape uniform draws, each task from its own seeded generator, in the compute dtype (the
+    numbers of the seed rule), as float64 for rules that run in float64."""
+    return _draws(_generators(terms, ctx), shape, ctx.dtype).double()
+
+
 def _core(terms, ctx, rule):
     U_B, V_A, cores = core_bases(terms, ctx)
     tau = _flush_noise(torch.stack(cores))
     stats = [rule.task_stats(t.abs().reshape(-1)) for t in tau] if rule.task_stats else [None] * len(terms)
-    draws = _draws(_generators(terms, ctx), tau.shape[1:], tau.dtype) if rule.random else None
+    draws = uniform_draws(terms, ctx, tau.shape[1:]) if rule.random else None
     merged = rule.apply(tau, stats, draws)
     if ctx.rank is None and ctx.energy is None:  # keep the core result exactly: rank ≤ R
         return U_B @ merged, V_A
-    P, S, Qh = torch.linalg.svd(merged.double(), full_matrices=False)
-    svd = linalg.LowRankSVD(P.to(merged.dtype), S.to(merged.dtype), Qh.to(merged.dtype))
+    P, S, Qh = torch.linalg.svd(merged, full_matrices=False)
+    svd = linalg.LowRankSVD(P, S, Qh)
     k = linalg.rank_for_energy(svd.S, ctx.energy) if ctx.energy is not None else min(ctx.rank, S.numel())
     kept = svd.truncate(max(k, 1))
     ctx.stats["energy_kept"] = float(kept.energy / svd.energy) if float(svd.energy) > 0 else 1.0

@@ -5,7 +5,8 @@ Task deltas are τᵢ = wᵢ·ΔWᵢ = (wᵢ·sᵢ·Bᵢ)·Aᵢ.
 - knots (Stoica et al., ICLR 2025): SVD of the concatenation [τ₁ … τ_T] = U·Σ·[V₁ᵀ … V_Tᵀ];
   the Σ-scaled right blocks Σ·Vᵢᵀ are merged (TIES by default, top-k mask per layer or global
   over all layers as in the paper), ΔW = λ·U·merged. Factored: with B = [B₁ … B_T] = Q·R_B,
-  the concatenation is Q·(R_B·blockdiag(A₁ … A_T)), and only the R×(T·n) core is decomposed.
+  the concatenation is Q·(R_B·blockdiag(A₁ … A_T)), and only the R×(T·n) core is decomposed;
+  each task enters with its canonical factors (:func:`.spaces.canonical_factors`).
 - tsv (Task Singular Vectors, Gargiulo et al., CVPR 2025): each task's top ⌊k/T⌋ singular
   triplets (k = --rank, default Σrᵢ; never past a task's numerical rank), stacked; the stacked
   bases are replaced by their polar factors; ΔW = λ·U⊥·diag(σ)·V⊥.
@@ -23,7 +24,7 @@ import torch
 from .. import linalg
 from . import ModuleContext, Param, Term, register
 from .sparsify import DENSITY, LAMBDA, MAJORITY, dare, magnitude_threshold, ties_merge, trim
-from .spaces import task_seed
+from .spaces import canonical_factors, uniform_draws
 
 
 def _task_factors(terms: list[Term], ctx: ModuleContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -48,21 +49,23 @@ def polar(X: torch.Tensor) -> torch.Tensor:
 
 
 def knots_decomposition(terms: list[Term], ctx: ModuleContext):
-    """(U m×k, [Σ·Vᵢᵀ] each k×n) for the concatenation [τ₁ … τ_T], from the factors."""
-    pairs = _task_factors(terms, ctx)
+    """(U m×k, [Σ·Vᵢᵀ] each k×n) for the concatenation [τ₁ … τ_T], from the canonical
+    factors (float64; see :func:`.spaces.canonical_factors`)."""
+    pairs = canonical_factors(terms, ctx)
     B = torch.cat([up for up, _ in pairs], dim=1)
     Q, R_B = torch.linalg.qr(B)
     blocks, col = [], 0
     for up, down in pairs:
         r = up.shape[1]
-        blocks.append(R_B[:, col:col + r].double() @ down.double())
+        blocks.append(R_B[:, col:col + r] @ down)
         col += r
     core = torch.cat(blocks, dim=1)  # R × (T·n)
     P, S, Zh = torch.linalg.svd(core, full_matrices=False)
-    k = max(linalg.numerical_rank(S, (B.shape[0], core.shape[1])), 1)
-    U = Q @ P[:, :k].to(B.dtype)
+    # zero at float64's precision: the factors are exact, so every direction above that is real
+    k = max(linalg.numerical_rank(S, (B.shape[0], core.shape[1]), torch.float64), 1)
+    U = Q @ P[:, :k]
     n = pairs[0][1].shape[1]
-    scaled = [(S[:k, None] * Zh[:k, i * n:(i + 1) * n]).to(B.dtype) for i in range(len(pairs))]
+    scaled = [S[:k, None] * Zh[:k, i * n:(i + 1) * n] for i in range(len(pairs))]
     return U, scaled
 
 
@@ -101,9 +104,7 @@ def knots(terms: list[Term], ctx: ModuleContext, **p):
         merged = tau.sum(0)
     else:
         if p["merge"] == "dare_ties":
-            generators = [torch.Generator().manual_seed(task_seed(ctx.seed, t.index)) for t in terms]
-            draws = torch.stack([torch.rand(tau.shape[1:], generator=g, dtype=tau.dtype) for g in generators])
-            tau = dare(tau, p["density"], draws)
+            tau = dare(tau, p["density"], uniform_draws(terms, ctx, tau.shape[1:]))
         else:
             tau = _knots_trim(tau, terms, ctx, p)
         merged = ties_merge(tau, p["majority"])
