@@ -91,3 +91,53 @@ def test_result_depends_on_delta_not_on_factorisation(method, params, how, compu
     for key in a.modules:
         ref = dense(a[key])
         assert float((dense(b[key]) - ref).norm() / ref.norm()) < TOLERANCE[compute], key
+
+
+# --------------------------------------------------------------------------------------------
+# Iso-CTS on overlapping LoRAs
+
+SHAPE = (320, 640)
+
+
+def one_lora(rank=16, seed=0, noise=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    up = torch.randn(SHAPE[0], rank, generator=gen, dtype=F64)
+    down = torch.randn(rank, SHAPE[1], generator=gen, dtype=F64) / 10
+    if noise:  # a relative perturbation of both factors
+        up = up * (1 + noise * torch.randn(up.shape, generator=gen, dtype=F64))
+        down = down * (1 + noise * torch.randn(down.shape, generator=gen, dtype=F64))
+    return LoRA([LoraModule.from_factors("unet", "mid_block.attentions.0.proj_in", up, down, SHAPE, 8.0,
+                                         dtype=torch.float32)], "sd1")
+
+
+KEY = "unet.mid_block.attentions.0.proj_in"
+
+
+def test_iso_cts_of_a_lora_with_itself_stays_in_its_span_at_its_rank():
+    a = one_lora()
+    merged = loramerge.merge([a, a], weights=[0.5, 0.5], method="iso_cts", device="cpu")
+    got = dense(merged[KEY])
+    # the sum is the LoRA itself: all 16 directions are common, no task has a residual, and
+    # Iso flattens the spectrum: mean(σ)·U·Vᵀ, computed here by a dense SVD
+    U, S, Vh = torch.linalg.svd(dense(a[KEY]), full_matrices=False)
+    expected = S[:16].mean() * U[:, :16] @ Vh[:16]
+    assert merged[KEY].rank == 16
+    outside = got - U[:, :16] @ (U[:, :16].T @ got)
+    assert float(outside.norm() / got.norm()) < 1e-6
+    assert float((got - expected).norm() / expected.norm()) < 1e-6
+
+
+def test_iso_cts_is_stable_under_a_tiny_perturbation():
+    exact = loramerge.merge([one_lora(), one_lora()], weights=[0.5, 0.5], method="iso_cts", device="cpu")
+    nudged = loramerge.merge([one_lora(), one_lora(noise=1e-10)], weights=[0.5, 0.5], method="iso_cts", device="cpu")
+    ref = dense(exact[KEY])
+    assert nudged[KEY].rank == exact[KEY].rank
+    assert float((dense(nudged[KEY]) - ref).norm() / ref.norm()) < 1e-6
+
+
+def test_iso_cts_still_adds_genuine_task_directions():
+    """Two different LoRAs: the residuals are real, each task keeps its share of the budget."""
+    a, b = one_lora(8, seed=1), one_lora(8, seed=2)
+    merged = loramerge.merge([a, b], weights=[0.5, 0.5], method="iso_cts", device="cpu", rank=10)
+    # budget 10, common int(0.8·10) = 8 → 10 − round(2/2)·2 = 8 common, 1 per task
+    assert merged[KEY].rank == 10

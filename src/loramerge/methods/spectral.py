@@ -1,6 +1,7 @@
 """Alignment and spectral merges, all computed from the LoRA factors (never an m×n delta).
 
-Task deltas are τᵢ = wᵢ·ΔWᵢ = (wᵢ·sᵢ·Bᵢ)·Aᵢ.
+Task deltas are τᵢ = wᵢ·ΔWᵢ; everything here runs in float64 (it is small: QRs of m×R and
+n×R, SVDs of R×R) and the result is rounded once.
 
 - knots (Stoica et al., ICLR 2025): SVD of the concatenation [τ₁ … τ_T] = U·Σ·[V₁ᵀ … V_Tᵀ];
   the Σ-scaled right blocks Σ·Vᵢᵀ are merged (TIES by default, top-k mask per layer or global
@@ -14,7 +15,11 @@ Task deltas are τᵢ = wᵢ·ΔWᵢ = (wᵢ·sᵢ·Bᵢ)·Aᵢ.
   singular values (the zeros of a low-rank sum are not averaged in).
 - iso_cts: a common subspace (the top ⌊f·D⌋ directions of the sum, adjusted so the rest splits
   evenly) plus each task's top directions of (I − U_cU_cᵀ)·τᵢ, polar-orthogonalised, flattened
-  to the mean nonzero singular value. D = --rank, default Σrᵢ.
+  to the mean nonzero singular value. D = --rank, default Σrᵢ (the official code,
+  danielm1405/iso-merging, takes D = min(m, n) of a dense delta). "Nonzero" is measured
+  against the tasks' size: flattening gives every kept direction the mean singular value, so a
+  rounding-level residual (a task inside the common subspace) must not count; the official
+  code, on full-rank dense deltas, never meets one.
 """
 
 from __future__ import annotations
@@ -28,8 +33,9 @@ from .spaces import canonical_factors, uniform_draws
 
 
 def _task_factors(terms: list[Term], ctx: ModuleContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(wᵢ·sᵢ·Bᵢ, Aᵢ) per task: the weight and scale folded into the up factor."""
-    return [t.folded_factors(ctx) for t in terms]
+    """Factors of τᵢ = wᵢ·ΔWᵢ per task, float64 (TSV and Iso use only SVDs of the τᵢ and their
+    sum, so the split does not matter; float64 keeps them exact and rounded once)."""
+    return [t.scaled_factors(ctx, torch.float64) for t in terms]
 
 
 def _balanced(U: torch.Tensor, values: torch.Tensor, Vh: torch.Tensor):
@@ -150,9 +156,10 @@ def tsv(terms: list[Term], ctx: ModuleContext, **p):
 @register("iso_c", "Iso-C (Marczak et al. 2025): flatten the summed update's spectrum to its mean nonzero value",
           params=(LAMBDA,), uses_rank=True)
 def iso_c(terms: list[Term], ctx: ModuleContext, **p):
-    B, A = linalg.stack(_task_factors(terms, ctx))
+    pairs = _task_factors(terms, ctx)
+    B, A = linalg.stack(pairs)
     svd = linalg.svd_of_product(B, A)
-    k = max(linalg.numerical_rank(svd.S, (B.shape[0], A.shape[1])), 1)
+    k = max(linalg.numerical_rank(svd.S, (B.shape[0], A.shape[1]), scale=max(linalg.product_norms(pairs))), 1)
     if ctx.rank is not None:
         k = min(k, ctx.rank)
     kept = svd.truncate(k)
@@ -173,13 +180,18 @@ def iso_cts(terms: list[Term], ctx: ModuleContext, **p):
     k_common = budget - round((budget - k_common) / T) * T  # the rest splits evenly over tasks
     per_task = (budget - k_common) // T
     total = linalg.svd_of_product(B, A)
-    k_common = min(max(k_common, 0), linalg.numerical_rank(total.S, (m, n)))
+    # Every kept direction gets the mean singular value, so none may be rounding: the sum's
+    # rank is counted against the largest task, each residual's against its own task (float32's
+    # floor: what the inputs are known to), never against their own largest value. A LoRA
+    # merged with itself then leaves residuals of rank 0, not per_task random directions.
+    sizes = linalg.product_norms(pairs)
+    k_common = min(max(k_common, 0), linalg.numerical_rank(total.S, (m, n), scale=max(sizes)))
     common = total.truncate(k_common)
     Us, Ss, Vs = [], [], []
-    for up, down in pairs:
+    for (up, down), size in zip(pairs, sizes):
         residual = up - common.U @ (common.U.T @ up)  # (I − U_c U_cᵀ) τᵢ, still factored
         svd = linalg.svd_of_product(residual, down)
-        keep = min(per_task, linalg.numerical_rank(svd.S, (m, n)))
+        keep = min(per_task, linalg.numerical_rank(svd.S, (m, n), scale=size))
         if keep:
             Us.append(svd.U[:, :keep]), Ss.append(svd.S[:keep]), Vs.append(svd.Vh[:keep])
     Us.append(common.U), Ss.append(common.S), Vs.append(common.Vh)
