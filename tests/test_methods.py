@@ -304,3 +304,40 @@ def test_peft_svd_types_agree(ours, theirs):
     theirs_delta = _peft(loras, weights, theirs, density, rank)
     got = run(loras, weights, ours, rank=rank, density=density, **FULL)
     assert rel(got[KEY].delta(F64), theirs_delta) < 1e-6  # PEFT holds the weights in float32
+
+
+# --------------------------------------------------------------------------------------------
+# rank budgets and density
+
+
+def test_tsv_rank_is_at_most_the_requested_rank():
+    """TSV splits --rank N evenly: ⌊N/T⌋ triplets per task, never more than N in all. With
+    fewer than one per task there is nothing to split: a one-line error, not rank T."""
+    loras = make(TASKS, 13)
+    for rank in (3, 4, 5):
+        got = run(loras, WEIGHTS, "tsv", rank=rank)
+        assert got[KEY].rank == 3 * (rank // 3) <= rank
+    with pytest.raises(loramerge.LoraMergeError) as err:
+        run(loras, WEIGHTS, "tsv", rank=2)
+    assert "\n" not in str(err.value) and "--rank 3" in str(err.value)
+
+
+def test_breadcrumbs_keeps_density_when_density_plus_gamma_exceeds_one():
+    """density + γ > 1: keep int(density·N) entries per task, dropping only the N − int(density·N)
+    largest (mergekit's magnitude_outliers does the same); density is the promise."""
+    loras = make(TASKS, 14)
+    t = taus(loras, WEIGHTS)
+
+    def crumbs(x, d, g):
+        n = x.numel()
+        n_keep = int(d * n)
+        n_top = min(int(g * n), n - n_keep)
+        keep = x.abs().reshape(-1).argsort(descending=True)[n_top:n_top + n_keep]
+        out = torch.zeros_like(x)
+        out.reshape(-1)[keep] = x.reshape(-1)[keep]
+        return out
+
+    got = run(loras, WEIGHTS, "breadcrumbs", rank=11, density=0.7, gamma=0.5, **FULL)
+    expected = torch.stack([crumbs(x, 0.7, 0.5) for x in t]).sum(0)
+    assert int((crumbs(t[0], 0.7, 0.5) != 0).sum()) == int(0.7 * t[0].numel())
+    assert rel(got[KEY].delta(F64), expected) < 1e-10

@@ -10,7 +10,8 @@ n×R, SVDs of R×R) and the result is rounded once.
   each task enters with its canonical factors (:func:`.spaces.canonical_factors`).
 - tsv (Task Singular Vectors, Gargiulo et al., CVPR 2025): each task's top ⌊k/T⌋ singular
   triplets (k = --rank, default Σrᵢ; never past a task's numerical rank), stacked; the stacked
-  bases are replaced by their polar factors; ΔW = λ·U⊥·diag(σ)·V⊥.
+  bases are replaced by their polar factors; ΔW = λ·U⊥·diag(σ)·V⊥. At most k in all; k < T
+  (nothing to split) is refused.
 - iso_c (Marczak et al., ICML 2025): Σ τᵢ = U·Σ·Vᵀ → λ·σ̄·U·Vᵀ with σ̄ the mean of the nonzero
   singular values (the zeros of a low-rank sum are not averaged in).
 - iso_cts: a common subspace (the top ⌊f·D⌋ directions of the sum, adjusted so the rest splits
@@ -27,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from .. import linalg
+from ..errors import UsageError
 from . import ModuleContext, Param, Term, register
 from .sparsify import DENSITY, LAMBDA, MAJORITY, dare, magnitude_threshold, ties_merge, trim
 from .spaces import canonical_factors, uniform_draws
@@ -145,7 +147,10 @@ def tsv(terms: list[Term], ctx: ModuleContext, **p):
     pairs = _task_factors(terms, ctx)
     m, n = pairs[0][0].shape[0], pairs[0][1].shape[1]
     budget = min(ctx.rank if ctx.rank is not None else sum(t.module.rank for t in terms), m, n)
-    per_task = max(budget // len(terms), 1)
+    per_task = budget // len(terms)
+    if per_task == 0:  # the paper's equal split has nothing to give; rank T would exceed --rank
+        raise UsageError(f"tsv gives each task rank/T singular triplets, but module {ctx.key} has "
+                         f"{len(terms)} tasks and rank {budget}; use --rank {len(terms)} or more")
     svds = [s.truncate(min(per_task, s.S.numel())) for s in _task_svds(pairs)]
     U = torch.cat([s.U for s in svds], dim=1)
     S = torch.cat([s.S for s in svds])
