@@ -7,10 +7,27 @@ O(mn·min(m, n)) of a dense SVD, and never an m×n matrix in memory.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch's CPU kernels on one thread inside, restoring the count after. MKL's QR and
+    SVD (float64 too), long-sum GEMMs and dot products split their sums by thread count, so
+    their last bits — and a merged file's bytes — would depend on it."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass

@@ -79,7 +79,8 @@ def merge(
         return terms, ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key), dtype=compute_dtype,
                                     out_dtype=out_dtype)
 
-    modules, stats = _run(the_method, resolved, keys, module_terms, out_dtype, compute_dtype, progress)
+    with linalg.single_threaded():  # same bytes whatever torch's thread count (see there)
+        modules, stats = _run(the_method, resolved, keys, module_terms, out_dtype, compute_dtype, progress)
 
     recipe = {
         "method": method,
