@@ -61,6 +61,17 @@ def ref_ties(stack, d=None, lam=1.0):
     return lam * (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
 
 
+def crumbs(x, d, g):
+    """Breadcrumbs: drop the int(g·n) largest (fewer if d + g > 1), keep the next int(d·n)."""
+    n = x.numel()
+    n_keep = int(d * n)
+    n_top = min(int(g * n), n - n_keep)
+    keep = x.abs().reshape(-1).argsort(descending=True)[n_top:n_top + n_keep]
+    out = torch.zeros_like(x)
+    out.reshape(-1)[keep] = x.reshape(-1)[keep]
+    return out
+
+
 FULL = dict(space="full", oversample=64)  # sketch as wide as the matrix: the re-factorisation is exact
 
 
@@ -76,14 +87,6 @@ def test_magnitude_prune_and_breadcrumbs_full_space():
     t = taus(loras, WEIGHTS)
     got = run(loras, WEIGHTS, "magnitude_prune", rank=11, density=0.3, **FULL)
     assert rel(got[KEY].delta(F64), torch.stack([ref_trim(x, 0.3) for x in t]).sum(0)) < 1e-10
-
-    def crumbs(x, d, g):
-        order = x.abs().reshape(-1).argsort(descending=True)
-        n = x.numel()
-        keep = order[int(g * n): int(g * n) + int(d * n)]
-        out = torch.zeros_like(x)
-        out.reshape(-1)[keep] = x.reshape(-1)[keep]
-        return out
 
     got = run(loras, WEIGHTS, "breadcrumbs", rank=11, density=0.6, gamma=0.05, **FULL)
     assert rel(got[KEY].delta(F64), torch.stack([crumbs(x, 0.6, 0.05) for x in t]).sum(0)) < 1e-10
@@ -327,16 +330,6 @@ def test_breadcrumbs_keeps_density_when_density_plus_gamma_exceeds_one():
     largest (mergekit's magnitude_outliers does the same); density is the promise."""
     loras = make(TASKS, 14)
     t = taus(loras, WEIGHTS)
-
-    def crumbs(x, d, g):
-        n = x.numel()
-        n_keep = int(d * n)
-        n_top = min(int(g * n), n - n_keep)
-        keep = x.abs().reshape(-1).argsort(descending=True)[n_top:n_top + n_keep]
-        out = torch.zeros_like(x)
-        out.reshape(-1)[keep] = x.reshape(-1)[keep]
-        return out
-
     got = run(loras, WEIGHTS, "breadcrumbs", rank=11, density=0.7, gamma=0.5, **FULL)
     expected = torch.stack([crumbs(x, 0.7, 0.5) for x in t]).sum(0)
     assert int((crumbs(t[0], 0.7, 0.5) != 0).sum()) == int(0.7 * t[0].numel())
