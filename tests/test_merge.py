@@ -234,6 +234,11 @@ def test_non_finite_and_unbounded_parameters_are_refused(method, name, bad):
     assert repr(name) in _refused(method=method, **{name: bad})
 
 
+@pytest.mark.parametrize("bad", [float("nan"), 2.5, 0, -3])
+def test_bad_ranks_are_refused(bad):
+    assert "--rank" in _refused(method="svd", rank=bad)
+
+
 def test_sane_integer_parameters_still_pass():
     a = _lora(SPECS_A, 8)
     merged = loramerge.merge([a], method="ties", space="full", power_iters=100, oversample=4.0, device="cpu")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -148,8 +149,8 @@ def _check_rank_options(method, rank, energy) -> None:
         raise UsageError("give --rank or --energy, not both")
     if (rank is not None or energy is not None) and not method.uses_rank:
         raise UsageError(f"method {method.name!r} keeps the exact sum; --rank/--energy apply to svd-type methods")
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}")
+    if rank is not None and not (isinstance(rank, numbers.Integral) and rank >= 1):  # nan < 1 is False
+        raise UsageError(f"--rank must be a whole number of at least 1, got {rank!r}")
     if energy is not None and not 0 < energy <= 1:
         raise UsageError(f"--energy must lie in (0, 1], got {energy}")
 
