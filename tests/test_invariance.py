@@ -67,7 +67,8 @@ def dense(module):
 CASES = [("ties", {}), ("ties", {"majority": "frequency", "density": 0.3}), ("dare_linear", {}), ("dare_ties", {}),
          ("magnitude_prune", {"density": 0.4}), ("breadcrumbs", {"density": 0.7, "gamma": 0.1}),
          ("della", {"density": 0.5, "epsilon": 0.2}), ("task_arithmetic", {}),
-         ("ties", {"rank": 5}), ("knots", {}), ("knots", {"merge": "dare_ties"}), ("knots", {"topk_scope": "layer"})]
+         ("ties", {"rank": 5}), ("knots", {}), ("knots", {"merge": "dare_ties"}), ("knots", {"topk_scope": "layer"}),
+         ("knots", {"majority": "frequency", "density": 0.3})]
 
 
 # float64 results agree to rounding; float32 results are float64 math rounded once, so they may

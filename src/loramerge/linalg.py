@@ -93,21 +93,11 @@ def rank_at_precision(S: torch.Tensor, eps: float) -> int:
     return int((tail > limit).sum())
 
 
-def fix_signs(svd: LowRankSVD) -> LowRankSVD:
-    """Deterministic signs: the largest-magnitude entry of each left singular vector (the
-    first, on ties) is made positive, and the right vector flipped with it."""
-    if svd.S.numel() == 0:
-        return svd
-    rows = svd.U.abs().argmax(dim=0)
-    signs = torch.where(svd.U[rows, torch.arange(svd.U.shape[1])] < 0, -1.0, 1.0).to(svd.U.dtype)
-    return LowRankSVD(svd.U * signs, svd.S, signs[:, None] * svd.Vh)
-
-
-def canonical(up: torch.Tensor, down: torch.Tensor) -> LowRankSVD:
-    """ΔW = up@down as its own thin SVD, in float64, exact zeros dropped, signs fixed: a
-    function of ΔW alone, whatever factorisation (scaling, mixing, zero padding) it came in."""
-    svd = svd_of_product(up.double(), down.double())
-    return fix_signs(svd.truncate(numerical_rank(svd.S, (up.shape[0], down.shape[1]), torch.float64)))
+def column_signs(U: torch.Tensor) -> torch.Tensor:
+    """±1 per column, making its largest-magnitude entry positive (+x over −x on a tie): a
+    deterministic sign for singular vectors, which LAPACK leaves to chance. (Two plain
+    reductions: argmax down the columns is several times slower.)"""
+    return torch.where(U.amax(0) >= -U.amin(0), 1.0, -1.0).to(U.dtype)
 
 
 def rank_for_energy(S: torch.Tensor, energy: float) -> int:
@@ -182,10 +172,9 @@ def balance_for_storage(up: torch.Tensor, down: torch.Tensor, window: float = 2.
     nor overflow."""
     a, b = up.abs().amax(0), down.abs().amax(1)
     live = (a > 0) & (b > 0)
-    shift = torch.where(live, torch.round((torch.log2(b) - torch.log2(a)) / 2), torch.zeros_like(a)).long()
-    up, down = torch.ldexp(up, shift), torch.ldexp(down, -shift[:, None])
-    peak = max((float(x.abs().max()) for x in (up, down) if x.numel()), default=0.0)
-    if peak == 0.0 or 1 / window <= peak <= window:
-        return up, down, 1.0
-    e = math.floor(math.log2(peak))
-    return torch.ldexp(up, torch.tensor(-e)), torch.ldexp(down, torch.tensor(-e)), 2.0 ** (2 * e)
+    shift = torch.where(live, torch.round((torch.log2(b) - torch.log2(a)) / 2), torch.zeros_like(a))
+    # exact powers of two, built on the k-vector (ldexp on the whole factors is slow)
+    powers = torch.ldexp(torch.ones_like(shift), shift.long())
+    peak = float(torch.maximum(a * powers, b / powers).max()) if a.numel() else 0.0
+    e = 0 if peak == 0.0 or 1 / window <= peak <= window else math.floor(math.log2(peak))
+    return up * (powers * 2.0 ** -e), down * (2.0 ** -e / powers)[:, None], 2.0 ** (2 * e)

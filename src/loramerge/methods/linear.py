@@ -33,7 +33,7 @@ def linear(terms: list[Term], ctx: ModuleContext):
     pairs = [t.scaled_factors(ctx, torch.float64) for t in terms]
     B, A = linalg.stack(pairs)
     svd = linalg.svd_of_product(B, A)
-    zero_below = max(linalg.product_norms(pairs))
+    zero_below = float(B.norm() * A.norm())  # ≥ every ‖τᵢ‖_F, and cheap
     k = min(linalg.rank_at_precision(svd.S, torch.finfo(ctx.out_dtype).eps),
             linalg.numerical_rank(svd.S, (B.shape[0], A.shape[1]), torch.float64, scale=zero_below))
     return svd.truncate(max(k, 1)).factors()

@@ -16,16 +16,21 @@ per entry (DARE, DELLA).
   loses nothing. All of it runs in float64 (it is small) and is rounded once.
   Canonical factorisation: the bases depend on the factors, not only on their product, so
   each task first becomes its own thin SVD, Bᵢ = Uᵢ·√σᵢ and Aᵢ = √σᵢ·Vᵢᵀ (weight and
-  alpha/r included, exact zeros dropped; the largest-magnitude entry of each column of Uᵢ is
-  made positive). Then BBᵀ = Σ Uᵢσᵢ Uᵢᵀ = Σ (τᵢτᵢᵀ)^½ and the result is a function of the
-  ΔWᵢ alone: the same for (c·up, down/c), (up·G, G⁻¹·down) or extra zero components. (The
-  Core Space code folds the scale into Bᵢ and keeps each file's own split.)
+  alpha/r included, exact zeros dropped). Then BBᵀ = Σ Uᵢσᵢ Uᵢᵀ = Σ (τᵢτᵢᵀ)^½ and the
+  result is a function of the ΔWᵢ alone: the same for (c·up, down/c), (up·G, G⁻¹·down) or
+  extra zero components. A task's own signs do not matter (a sign, or a rotation within a
+  repeated singular value, of Uᵢ changes neither Uᵢσᵢ Uᵢᵀ, all the bases see, nor τᵢ, all the
+  cores see); the bases' signs do, because rules that break an even vote towards + (TIES by
+  frequency) are not sign-equivariant, so each column of U_B and row of V_A has its
+  largest-magnitude entry positive. (The Core Space code folds the scale into Bᵢ and keeps
+  each file's own split.)
 Random draws are per task, from a generator seeded by the module and the task's input index,
 in row-major order: the same numbers whatever the chunking.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -70,33 +75,41 @@ def task_seed(module_seed: int, index: int) -> int:
     return (module_seed * 1_000_003 + index) % (1 << 63)
 
 
-def canonical_factors(terms: list[Term], ctx: ModuleContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each task τᵢ = wᵢ·ΔWᵢ as (Uᵢ·√σᵢ, √σᵢ·Vᵢᵀ) from its own thin SVD, float64, signs fixed
-    (:func:`linalg.canonical`): what an entry-wise rule in Core Space (or KnOTS) sees is then
-    a function of the ΔWᵢ alone, not of how each file split it into up and down."""
-    return [linalg.canonical(*t.scaled_factors(ctx, torch.float64)).factors()
-            for t in terms]
-
-
 def core_bases(terms: list[Term], ctx: ModuleContext) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
     """(U_B m×R', V_A R''×n, [Mᵢ]) with Mᵢ = U_Bᵀ·wᵢΔWᵢ·V_Aᵀ, from the canonical factors, in
-    float64 (R' ≤ Σrᵢ: all of this is small)."""
-    pairs = canonical_factors(terms, ctx)
+    float64. With the given factors stacked, B = Q_B·R_B and Aᵀ = Q_A·R_A, every task is
+    τᵢ = Q_B·Xᵢ·Q_Aᵀ with Xᵢ = R_B[:, i]·R_A[:, i]ᵀ (R×R), and Xᵢ's SVD Pᵢ·Sᵢ·Zᵢᵀ is τᵢ's own
+    (Uᵢ = Q_B·Pᵢ): the canonical factors, their bases and the cores all live in these R×R
+    coordinates, and only the two QRs and the final products touch m or n."""
+    pairs = [t.scaled_factors(ctx, torch.float64) for t in terms]
     B, A = linalg.stack(pairs)
-    U_B = _left_singular_basis(B)
-    V_A = _left_singular_basis(A.T).T
-    cores = [(U_B.T @ up) @ (down @ V_A.T) for up, down in pairs]
-    return U_B, V_A, cores
+    Q_B, R_B = torch.linalg.qr(B)
+    Q_A, R_A = torch.linalg.qr(A.T)
+    starts = [0, *itertools.accumulate(up.shape[1] for up, _ in pairs)]
+    X = [R_B[:, i:j] @ R_A[:, i:j].T for i, j in zip(starts, starts[1:])]
+    shape = (B.shape[0], A.shape[1])
+    canonical = [_canonical(x, shape) for x in X]  # (Pᵢ√Sᵢ, √SᵢZᵢᵀ) per task, in coordinates
+    U = _left_singular_basis(torch.cat([c for c, _ in canonical], dim=1), shape)
+    V = _left_singular_basis(torch.cat([d for _, d in canonical], dim=0).T, shape)
+    U_B, V_A = Q_B @ U, Q_A @ V  # m×R', n×R''
+    su, sv = linalg.column_signs(U_B), linalg.column_signs(V_A)
+    U, V = U * su, V * sv
+    return U_B * su, (V_A * sv).T.contiguous(), [U.T @ x @ V for x in X]
 
 
-def _left_singular_basis(X: torch.Tensor) -> torch.Tensor:
-    """Left singular vectors of X (p×R, float64) for its nonzero singular values: thin QR, then
-    the SVD of the small R×R triangle (X = Q·R = (Q·P)·Σ·Zᵀ). Zero is measured at float64's
-    precision: a small task's directions are genuine, and dropping them loses the task."""
-    Q, R = torch.linalg.qr(X)
-    P, S, _ = torch.linalg.svd(R, full_matrices=False)
-    keep = linalg.numerical_rank(S, tuple(X.shape), torch.float64) or 1
-    return Q @ P[:, :keep]
+def _canonical(x: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task's thin SVD as balanced factors (P·√S, √S·Zᵀ), exact zeros dropped."""
+    P, S, Zh = torch.linalg.svd(x, full_matrices=False)
+    k = linalg.numerical_rank(S, shape, torch.float64)
+    root = S[:k].sqrt()
+    return P[:, :k] * root, root[:, None] * Zh[:k]
+
+
+def _left_singular_basis(X: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Left singular vectors of the small X for its nonzero singular values. Zero is measured
+    at float64's precision: a small task's directions are genuine, and dropping them loses it."""
+    P, S, _ = torch.linalg.svd(X, full_matrices=False)
+    return P[:, :linalg.numerical_rank(S, shape, torch.float64) or 1]
 
 
 def _flush_noise(cores: torch.Tensor) -> torch.Tensor:

@@ -6,8 +6,7 @@ n×R, SVDs of R×R) and the result is rounded once.
 - knots (Stoica et al., ICLR 2025): SVD of the concatenation [τ₁ … τ_T] = U·Σ·[V₁ᵀ … V_Tᵀ];
   the Σ-scaled right blocks Σ·Vᵢᵀ are merged (TIES by default, top-k mask per layer or global
   over all layers as in the paper), ΔW = λ·U·merged. Factored: with B = [B₁ … B_T] = Q·R_B,
-  the concatenation is Q·(R_B·blockdiag(A₁ … A_T)), and only the R×(T·n) core is decomposed;
-  each task enters with its canonical factors (:func:`.spaces.canonical_factors`).
+  the concatenation is Q·(R_B·blockdiag(A₁ … A_T)), and only the R×(T·n) core is decomposed.
 - tsv (Task Singular Vectors, Gargiulo et al., CVPR 2025): each task's top ⌊k/T⌋ singular
   triplets (k = --rank, default Σrᵢ; never past a task's numerical rank), stacked; the stacked
   bases are replaced by their polar factors; ΔW = λ·U⊥·diag(σ)·V⊥. At most k in all; k < T
@@ -31,12 +30,13 @@ from .. import linalg
 from ..errors import UsageError
 from . import ModuleContext, Param, Term, register
 from .sparsify import DENSITY, LAMBDA, MAJORITY, dare, magnitude_threshold, ties_merge, trim
-from .spaces import canonical_factors, uniform_draws
+from .spaces import uniform_draws
 
 
 def _task_factors(terms: list[Term], ctx: ModuleContext) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Factors of τᵢ = wᵢ·ΔWᵢ per task, float64 (TSV and Iso use only SVDs of the τᵢ and their
-    sum, so the split does not matter; float64 keeps them exact and rounded once)."""
+    """Factors of τᵢ = wᵢ·ΔWᵢ per task, float64 (KnOTS, TSV and Iso use only SVDs of the τᵢ,
+    their concatenation or their sum, so the split does not matter; float64 keeps them exact and
+    rounded once)."""
     return [t.scaled_factors(ctx, torch.float64) for t in terms]
 
 
@@ -57,9 +57,10 @@ def polar(X: torch.Tensor) -> torch.Tensor:
 
 
 def knots_decomposition(terms: list[Term], ctx: ModuleContext):
-    """(U m×k, [Σ·Vᵢᵀ] each k×n) for the concatenation [τ₁ … τ_T], from the canonical
-    factors (float64; see :func:`.spaces.canonical_factors`)."""
-    pairs = canonical_factors(terms, ctx)
+    """(U m×k, [Σ·Vᵢᵀ] each k×n) for the concatenation [τ₁ … τ_T], from the factors, float64.
+    That SVD depends on the τᵢ alone, not on how each is factored (no canonical step needed);
+    float64 keeps what the factorisation leaves in the last bits below float32's."""
+    pairs = _task_factors(terms, ctx)
     B = torch.cat([up for up, _ in pairs], dim=1)
     Q, R_B = torch.linalg.qr(B)
     blocks, col = [], 0
@@ -72,9 +73,11 @@ def knots_decomposition(terms: list[Term], ctx: ModuleContext):
     # zero at float64's precision: the factors are exact, so every direction above that is real
     k = max(linalg.numerical_rank(S, (B.shape[0], core.shape[1]), torch.float64), 1)
     U = Q @ P[:, :k]
+    # deterministic signs: TIES by frequency breaks an even vote towards +, so it sees them
+    signs = linalg.column_signs(U)
     n = pairs[0][1].shape[1]
-    scaled = [S[:k, None] * Zh[:k, i * n:(i + 1) * n] for i in range(len(pairs))]
-    return U, scaled
+    scaled = [(signs * S[:k])[:, None] * Zh[:k, i * n:(i + 1) * n] for i in range(len(pairs))]
+    return U * signs, scaled
 
 
 def _knots_global_thresholds(modules, params) -> dict[int, float]:
