@@ -202,3 +202,44 @@ def test_peft_linear_has_cross_terms_loramerge_does_not():
     ours = _ours(adapters, weights, method="linear")
     our_err = float((dense(ours["unet.q"]) - exact).norm() / exact.norm())
     assert peft_err > 0.1 and our_err < 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# weights and parameters: anything that is not a finite, sane number is refused in one line
+
+
+def _refused(**kwargs):
+    from loramerge.errors import UsageError
+
+    a = _lora(SPECS_A, 7)
+    with pytest.raises(UsageError) as err:
+        loramerge.merge([a], device="cpu", **kwargs)
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e300])
+def test_non_finite_or_absurd_weights_are_refused(bad):
+    assert "weight 1" in _refused(weights=[bad])
+
+
+@pytest.mark.parametrize("method, name, bad", [
+    ("ties", "density", float("nan")), ("ties", "lambda", float("nan")), ("ties", "lambda", float("inf")),
+    ("ties", "lambda", 1e300), ("della", "epsilon", float("nan")), ("breadcrumbs", "gamma", float("nan")),
+    ("iso_cts", "common_fraction", float("nan")), ("ties", "power_iters", 10**9), ("ties", "power_iters", 1e9),
+    ("ties", "power_iters", float("inf")), ("ties", "oversample", 10**6), ("ties", "oversample", 2.5),
+    ("ties", "oversample", float("nan")), ("ties", "power_iters", "1e9"),
+])
+def test_non_finite_and_unbounded_parameters_are_refused(method, name, bad):
+    assert repr(name) in _refused(method=method, **{name: bad})
+
+
+@pytest.mark.parametrize("bad", [float("nan"), 2.5, 0, -3])
+def test_bad_ranks_are_refused(bad):
+    assert "--rank" in _refused(method="svd", rank=bad)
+
+
+def test_sane_integer_parameters_still_pass():
+    a = _lora(SPECS_A, 8)
+    merged = loramerge.merge([a], method="ties", space="full", power_iters=100, oversample=4.0, device="cpu")
+    assert merged.modules

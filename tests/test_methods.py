@@ -61,6 +61,17 @@ def ref_ties(stack, d=None, lam=1.0):
     return lam * (trimmed * agree).sum(0) / agree.sum(0).clamp_min(1)
 
 
+def crumbs(x, d, g):
+    """Breadcrumbs: drop the int(g·n) largest (fewer if d + g > 1), keep the next int(d·n)."""
+    n = x.numel()
+    n_keep = int(d * n)
+    n_top = min(int(g * n), n - n_keep)
+    keep = x.abs().reshape(-1).argsort(descending=True)[n_top:n_top + n_keep]
+    out = torch.zeros_like(x)
+    out.reshape(-1)[keep] = x.reshape(-1)[keep]
+    return out
+
+
 FULL = dict(space="full", oversample=64)  # sketch as wide as the matrix: the re-factorisation is exact
 
 
@@ -76,14 +87,6 @@ def test_magnitude_prune_and_breadcrumbs_full_space():
     t = taus(loras, WEIGHTS)
     got = run(loras, WEIGHTS, "magnitude_prune", rank=11, density=0.3, **FULL)
     assert rel(got[KEY].delta(F64), torch.stack([ref_trim(x, 0.3) for x in t]).sum(0)) < 1e-10
-
-    def crumbs(x, d, g):
-        order = x.abs().reshape(-1).argsort(descending=True)
-        n = x.numel()
-        keep = order[int(g * n): int(g * n) + int(d * n)]
-        out = torch.zeros_like(x)
-        out.reshape(-1)[keep] = x.reshape(-1)[keep]
-        return out
 
     got = run(loras, WEIGHTS, "breadcrumbs", rank=11, density=0.6, gamma=0.05, **FULL)
     assert rel(got[KEY].delta(F64), torch.stack([crumbs(x, 0.6, 0.05) for x in t]).sum(0)) < 1e-10
@@ -146,11 +149,24 @@ def test_core_space_linear_is_exact_and_disjoint_ties_is_the_sum():
     assert rel(got[KEY].delta(F64), expected) < 1e-10
 
 
+def canonical_pairs(stack):
+    """Each task τᵢ as (Uᵢ√σᵢ, √σᵢVᵢᵀ) from a dense SVD, zero singular values dropped: the
+    factorisation Core Space and KnOTS take (signs do not matter: only Uᵢ√σᵢ·√σᵢVᵢᵀ and
+    BBᵀ = Σ Uᵢσᵢ Uᵢᵀ enter the bases and cores)."""
+    pairs = []
+    for t in stack:
+        U, S, Vh = torch.linalg.svd(t, full_matrices=False)
+        k = int((S > S[0] * max(t.shape) * torch.finfo(F64).eps).sum())
+        root = S[:k].sqrt()
+        pairs.append((U[:, :k] * root, root[:, None] * Vh[:k]))
+    return pairs
+
+
 def test_core_space_ties_matches_its_definition():
-    """Core Space: project onto the stacked factors' singular bases, TIES there, map back."""
+    """Core Space: project onto the stacked factors' singular bases, TIES there, map back;
+    each task enters with its canonical factors, so the result is a function of the τᵢ."""
     loras = make(TASKS, 6)
-    ups = [w * l[KEY].scale * l[KEY].factors(F64)[0] for l, w in zip(loras, WEIGHTS)]
-    downs = [l[KEY].factors(F64)[1] for l in loras]
+    ups, downs = zip(*canonical_pairs(taus(loras, WEIGHTS)))
     U_B = torch.linalg.svd(torch.cat(ups, 1), full_matrices=False)[0]
     V_A = torch.linalg.svd(torch.cat(downs, 0), full_matrices=False)[2]
     cores = torch.stack([U_B.T @ u @ d @ V_A.T for u, d in zip(ups, downs)])
@@ -291,3 +307,30 @@ def test_peft_svd_types_agree(ours, theirs):
     theirs_delta = _peft(loras, weights, theirs, density, rank)
     got = run(loras, weights, ours, rank=rank, density=density, **FULL)
     assert rel(got[KEY].delta(F64), theirs_delta) < 1e-6  # PEFT holds the weights in float32
+
+
+# --------------------------------------------------------------------------------------------
+# rank budgets and density
+
+
+def test_tsv_rank_is_at_most_the_requested_rank():
+    """TSV splits --rank N evenly: ⌊N/T⌋ triplets per task, never more than N in all. With
+    fewer than one per task there is nothing to split: a one-line error, not rank T."""
+    loras = make(TASKS, 13)
+    for rank in (3, 4, 5):
+        got = run(loras, WEIGHTS, "tsv", rank=rank)
+        assert got[KEY].rank == 3 * (rank // 3) <= rank
+    with pytest.raises(loramerge.LoraMergeError) as err:
+        run(loras, WEIGHTS, "tsv", rank=2)
+    assert "\n" not in str(err.value) and "--rank 3" in str(err.value)
+
+
+def test_breadcrumbs_keeps_density_when_density_plus_gamma_exceeds_one():
+    """density + γ > 1: keep int(density·N) entries per task, dropping only the N − int(density·N)
+    largest (mergekit's magnitude_outliers does the same); density is the promise."""
+    loras = make(TASKS, 14)
+    t = taus(loras, WEIGHTS)
+    got = run(loras, WEIGHTS, "breadcrumbs", rank=11, density=0.7, gamma=0.5, **FULL)
+    expected = torch.stack([crumbs(x, 0.7, 0.5) for x in t]).sum(0)
+    assert int((crumbs(t[0], 0.7, 0.5) != 0).sum()) == int(0.7 * t[0].numel())
+    assert rel(got[KEY].delta(F64), expected) < 1e-10

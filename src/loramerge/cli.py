@@ -281,7 +281,7 @@ def fuse(
             plan = load_recipe(recipe)
             kwargs = plan.merge_kwargs()
             weights = kwargs.pop("weights")
-            kwargs.pop("device", None)
+            kwargs.pop("device", None), kwargs.pop("dtype", None)  # the recipe's output dtype is not the checkpoint's
             paths, fuse_arch = [s.path for s in plan.sources], plan.arch
         else:
             if not lora:

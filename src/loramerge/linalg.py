@@ -7,9 +7,27 @@ O(mn·min(m, n)) of a dense SVD, and never an m×n matrix in memory.
 
 from __future__ import annotations
 
+import contextlib
+import math
 from dataclasses import dataclass
 
 import torch
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch's CPU kernels on one thread inside, restoring the count after. MKL's QR and
+    SVD (float64 too), long-sum GEMMs and dot products split their sums by thread count, so
+    their last bits — and a merged file's bytes — would depend on it."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -37,24 +55,49 @@ def stack(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor,
 
 
 def svd_of_product(B: torch.Tensor, A: torch.Tensor) -> LowRankSVD:
-    """Exact thin SVD of B@A from the factors (B m×R, A R×n)."""
+    """Exact thin SVD of B@A from the factors (B m×R, A R×n), in B's dtype.
+
+    The QRs and the core run in float64 and are rounded once at the end: the O((m+n)R²) work is
+    small, and small singular values of a widely spread spectrum stay accurate."""
     dtype = B.dtype
-    Qb, Rb = torch.linalg.qr(B)  # m×R', R'×R
-    Qa, Ra = torch.linalg.qr(A.T)  # n×R'', R''×R
-    # The core is tiny; float64 there costs nothing and keeps small singular values accurate.
-    core = Rb.double() @ Ra.double().T
-    P, S, Qh = torch.linalg.svd(core, full_matrices=False)
-    U = Qb @ P.to(dtype)
-    Vh = Qh.to(dtype) @ Qa.T
-    return LowRankSVD(U, S.to(dtype), Vh)
+    Qb, Rb = torch.linalg.qr(B.double())  # m×R', R'×R
+    Qa, Ra = torch.linalg.qr(A.double().T)  # n×R'', R''×R
+    P, S, Qh = torch.linalg.svd(Rb @ Ra.T, full_matrices=False)
+    return LowRankSVD((Qb @ P).to(dtype), S.to(dtype), (Qh @ Qa.T).to(dtype))
 
 
-def numerical_rank(S: torch.Tensor, shape: tuple[int, int]) -> int:
-    """Singular values above the float32 noise floor σ₁·max(m, n)·ε (the usual rank tolerance)."""
-    if S.numel() == 0 or float(S[0]) == 0.0:
+def numerical_rank(S: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype = torch.float32,
+                   scale: float | None = None) -> int:
+    """Singular values above the noise floor scale·max(m, n)·ε(dtype) (the usual rank
+    tolerance). ``scale`` defaults to σ₁; pass a task's or a sum's σ₁ to measure a residual
+    against what it was cut from, not against its own (possibly rounding-level) largest value."""
+    if S.numel() == 0:
         return 0
-    tol = float(S[0]) * max(shape) * torch.finfo(torch.float32).eps
+    scale = float(S[0]) if scale is None else scale
+    if scale == 0.0:
+        return 0
+    tol = scale * max(shape) * torch.finfo(dtype).eps
     return int((S > tol).sum())
+
+
+def rank_at_precision(S: torch.Tensor, eps: float) -> int:
+    """The smallest k whose dropped tail is at most a quarter ulp of the whole:
+    ‖σ_{k+1:}‖ ≤ ε/4·‖σ‖. Writing the factors rounds them by up to about one ulp of ΔW, so the
+    cut adds at most a quarter of that (genuine values above it are all kept)."""
+    sq = S.double() ** 2
+    total = float(sq.sum())
+    if total == 0.0:
+        return 0
+    tail = torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])  # tail[k] = Σ_{j≥k} σⱼ²
+    limit = (eps / 4) ** 2 * total
+    return int((tail > limit).sum())
+
+
+def column_signs(U: torch.Tensor) -> torch.Tensor:
+    """±1 per column, making its largest-magnitude entry positive (+x over −x on a tie): a
+    deterministic sign for singular vectors, which LAPACK leaves to chance. (Two plain
+    reductions: argmax down the columns is several times slower.)"""
+    return torch.where(U.amax(0) >= -U.amin(0), 1.0, -1.0).to(U.dtype)
 
 
 def rank_for_energy(S: torch.Tensor, energy: float) -> int:
@@ -71,6 +114,12 @@ def frobenius_norm_of_product(B: torch.Tensor, A: torch.Tensor) -> float:
     """‖B@A‖_F from the factors: √trace((BᵀB)(AAᵀ)), never forming B@A."""
     gram = (B.double().T @ B.double()) * (A.double() @ A.double().T)
     return float(gram.sum().clamp_min(0).sqrt())
+
+
+def product_norms(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[float]:
+    """‖upᵢ@downᵢ‖_F per pair (≥ σ₁): what rounding in a sum or a residual of them is relative
+    to — a sum is only as exact as its terms, and its own σ₁ may be rounding itself."""
+    return [frobenius_norm_of_product(up, down) for up, down in pairs]
 
 
 def randomized_svd(M: torch.Tensor, k: int, oversample: int = 10, power_iters: int = 2,
@@ -113,3 +162,19 @@ def randomized_svd_for_energy(M: torch.Tensor, energy: float, start_width: int, 
         if hit.numel() or width >= min(M.shape):
             return svd.truncate(int(hit[0]) + 1 if hit.numel() else svd.S.numel())
         width = min(2 * width, min(M.shape))
+
+
+def balance_for_storage(up: torch.Tensor, down: torch.Tensor, window: float = 2.0 ** 8):
+    """(up, down, scale) with scale·up@down equal to the input, changed by powers of two only
+    (so not one digit moves): each rank-1 term's two factors get about the same largest
+    magnitude, and if that leaves [1/window, window] a common power of four moves into
+    ``scale`` (the module's alpha/r), so fp16 factors of a tiny or huge ΔW neither underflow
+    nor overflow."""
+    a, b = up.abs().amax(0), down.abs().amax(1)
+    live = (a > 0) & (b > 0)
+    shift = torch.where(live, torch.round((torch.log2(b) - torch.log2(a)) / 2), torch.zeros_like(a))
+    # exact powers of two, built on the k-vector (ldexp on the whole factors is slow)
+    powers = torch.ldexp(torch.ones_like(shift), shift.long())
+    peak = float(torch.maximum(a * powers, b / powers).max()) if a.numel() else 0.0
+    e = 0 if peak == 0.0 or 1 / window <= peak <= window else math.floor(math.log2(peak))
+    return up * (powers * 2.0 ** -e), down * (2.0 ** -e / powers)[:, None], 2.0 ** (2 * e)

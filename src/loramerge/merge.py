@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -16,9 +17,10 @@ import torch
 from .errors import ArchitectureMismatchError, ShapeMismatchError, UsageError
 from .io import load_all
 from .lora import LoRA, LoraModule
-from .outputs import sha256_file
+from . import linalg
 from .blocks import parse_block_weights
-from .methods import ModuleContext, Term, get_method
+from .methods import ModuleContext, Term, check_number, get_method
+from .outputs import sha256_file
 
 ProgressFn = Callable[[int, int, str], None]
 
@@ -38,6 +40,7 @@ def merge(
     progress: ProgressFn | None = None,
     block_weights=None,
     compute_dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str | None = None,
     **params,
 ) -> LoRA:
     """Merge LoRAs on ΔW: result ΔW = method({wᵢ·ΔWᵢ}) per module.
@@ -45,15 +48,15 @@ def merge(
     ``weights`` default to 1. Modules present in only some inputs are merged from those
     inputs alone (so they keep their own weight). ``rank``/``energy`` apply to methods that
     re-factorise (``svd``…). ``block_weights`` is one spec for every input or a list with one
-    per input (see :mod:`loramerge.blocks`); it multiplies each module's weight. The result's
-    header records the resolved recipe and each source's SHA-256.
+    per input (see :mod:`loramerge.blocks`); it multiplies each module's weight. ``dtype`` is
+    the dtype the result will be written in (default: the inputs'); methods that keep the exact
+    sum keep it to that precision. The result's header records the resolved recipe and each
+    source's SHA-256.
     """
     inputs = load_all(loras)
     if not inputs:
         raise UsageError("nothing to merge: give at least one LoRA")
-    weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
-    if len(weights) != len(inputs):
-        raise UsageError(f"{len(inputs)} LoRAs but {len(weights)} weights")
+    weights = _check_weights(weights, len(inputs))
     the_method = get_method(method)
     resolved = the_method.resolve_params(params)
     _check_rank_options(the_method, rank, energy)
@@ -63,35 +66,23 @@ def merge(
                         for b in _per_input(block_weights, len(inputs))]
 
     keys = sorted(set().union(*(lora.modules for lora in inputs)))
-    out_dtype = _common_dtype(inputs)
+    out_dtype = _out_dtype(dtype, inputs)
 
     def module_terms(key: str):
         terms = [
-            Term(lora[key], w * (bw.weight_for(lora[key]) if bw else 1.0), idx)
+            Term(lora[key], _block_weighted(w, bw, lora[key]), idx)
             for idx, (lora, w, bw) in enumerate(zip(inputs, weights, per_input_blocks))
             if key in lora
         ]
         shape = _check_shapes(terms, inputs)
-        return terms, ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key), dtype=compute_dtype)
+        return terms, ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key), dtype=compute_dtype,
+                                    out_dtype=out_dtype)
 
-    if the_method.learn is not None:  # learned methods fit their coefficients on the base pipeline
-        shared = the_method.learn(inputs, [module_terms(k) for k in keys], resolved, seed=seed, progress=progress)
-    else:
-        shared = the_method.prepare((module_terms(k) for k in keys), resolved) if the_method.prepare else None
-    modules, stats = [], {}
-    for i, key in enumerate(keys):
-        terms, ctx = module_terms(key)
-        shape, ctx.shared = ctx.shape, shared
-        up, down = the_method.fn(terms, ctx, **resolved)
-        first = terms[0].module
-        modules.append(LoraModule.from_factors(
-            first.component, first.name, up.cpu(), down.cpu(), shape,
-            kind="lora", dtype=out_dtype, bias=_merged_bias(terms),
-        ))
-        if ctx.stats:
-            stats[key] = dict(ctx.stats)
-        if progress:
-            progress(i + 1, len(keys), key)
+    # learned methods fit their coefficients on the base pipeline first (threads as torch has them)
+    learned = the_method.learn(inputs, [module_terms(k) for k in keys], resolved, seed=seed, progress=progress) \
+        if the_method.learn is not None else None
+    with linalg.single_threaded():  # same bytes whatever torch's thread count (see there)
+        modules, stats = _run(the_method, resolved, keys, module_terms, out_dtype, compute_dtype, progress, learned)
 
     recipe = {
         "method": method,
@@ -109,13 +100,64 @@ def merge(
     return result
 
 
+def _run(the_method, resolved: dict, keys: list[str], module_terms, out_dtype, compute_dtype, progress, learned=None):
+    """The method over every module (after its prepare pass, or with what it learned):
+    (merged modules, their stats)."""
+    shared = learned
+    if shared is None and the_method.prepare:
+        shared = the_method.prepare((module_terms(k) for k in keys), resolved)
+    modules, stats = [], {}
+    for i, key in enumerate(keys):
+        terms, ctx = module_terms(key)
+        shape, ctx.shared = ctx.shape, shared
+        up, down = the_method.fn(terms, ctx, **resolved)
+        if up.shape[1] == 0:  # nothing left (all tasks zero): one zero component, alpha/r stays defined
+            up, down = up.new_zeros(up.shape[0], 1), down.new_zeros(1, down.shape[1])
+        # methods may hand back float64; one rounding here (powers of two only before it)
+        up, down, scale = linalg.balance_for_storage(up, down)
+        first = terms[0].module
+        modules.append(LoraModule.from_factors(
+            first.component, first.name, up.to(compute_dtype).cpu(), down.to(compute_dtype).cpu(), shape,
+            alpha=up.shape[1] * scale, kind="lora", dtype=out_dtype, bias=_merged_bias(terms),
+        ))
+        if ctx.stats:
+            stats[key] = dict(ctx.stats)
+        if progress:
+            progress(i + 1, len(keys), key)
+    return modules, stats
+
+
+def _check_weights(weights, n: int) -> list[float]:
+    if weights is None:
+        return [1.0] * n
+    try:
+        weights = [float(w) for w in weights]
+    except (TypeError, ValueError):
+        raise UsageError(f"weights must be numbers, got {list(weights)!r}") from None
+    if len(weights) != n:
+        raise UsageError(f"{n} LoRAs but {len(weights)} weights")
+    for i, w in enumerate(weights):
+        check_number(f"weight {i + 1}", w)
+    return weights
+
+
+def _block_weighted(weight: float, block_weights, module: LoraModule) -> float:
+    """The input's weight times its block weight for ``module`` (checked: a block weight of
+    nan or 1e300 must not reach the factors)."""
+    if block_weights is None:
+        return weight
+    w = weight * block_weights.weight_for(module)
+    check_number(f"weight × block weight of {module.key}", w)
+    return w
+
+
 def _check_rank_options(method, rank, energy) -> None:
     if rank is not None and energy is not None:
         raise UsageError("give --rank or --energy, not both")
     if (rank is not None or energy is not None) and not method.uses_rank:
         raise UsageError(f"method {method.name!r} keeps the exact sum; --rank/--energy apply to svd-type methods")
-    if rank is not None and rank < 1:
-        raise UsageError(f"--rank must be at least 1, got {rank}")
+    if rank is not None and not (isinstance(rank, numbers.Integral) and rank >= 1):  # nan < 1 is False
+        raise UsageError(f"--rank must be a whole number of at least 1, got {rank!r}")
     if energy is not None and not 0 < energy <= 1:
         raise UsageError(f"--energy must lie in (0, 1], got {energy}")
 
@@ -169,6 +211,12 @@ def _merged_bias(terms: list[Term]) -> torch.Tensor | None:
 def _common_dtype(inputs: list[LoRA]) -> torch.dtype:
     dtypes = {lora.dtype for lora in inputs}
     return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+def _out_dtype(dtype, inputs: list[LoRA]) -> torch.dtype:
+    from .formats.write import resolve_dtype
+
+    return resolve_dtype(dtype) or _common_dtype(inputs)
 
 
 def _module_seed(seed: int, key: str) -> int:

@@ -81,7 +81,7 @@ class Recipe:
         block_weights = [s.block_weights if s.block_weights is not None else self.block_weights for s in self.sources]
         return dict(
             weights=[s.weight for s in self.sources], method=self.method, rank=self.rank, energy=self.energy,
-            seed=self.seed, device=self.device,
+            seed=self.seed, device=self.device, dtype=self.dtype,
             block_weights=block_weights if any(b is not None for b in block_weights) else None,
             **self.params,
         )

@@ -8,6 +8,7 @@ CLI, recipes and the Python API all find it in :data:`METHODS`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -28,15 +29,32 @@ class Param:
     high: float | None = None
 
     def coerce(self, value: Any) -> Any:
-        try:
-            value = self.kind(value)
-        except (TypeError, ValueError):
-            raise UsageError(f"parameter {self.name!r} must be a {self.kind.__name__}, got {value!r}") from None
+        value = self._convert(value)
         if self.choices is not None and value not in self.choices:
             raise UsageError(f"parameter {self.name!r} must be one of {', '.join(map(str, self.choices))}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise UsageError(f"parameter {self.name!r} must lie in [{self.low}, {self.high}], got {value}")
+        if self.kind in (int, float):
+            check_number(f"parameter {self.name!r}", value, self.low, self.high)
         return value
+
+    def _convert(self, value: Any) -> Any:
+        try:
+            if self.kind is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError  # int() would truncate 2.5 and choke on nan/inf
+            return self.kind(value)
+        except (TypeError, ValueError, OverflowError):
+            raise UsageError(f"parameter {self.name!r} must be a {self.kind.__name__}, got {value!r}") from None
+
+
+MAX_MAGNITUDE = 1e6  # no weight or parameter means anything beyond this; 1e300 would overflow
+
+
+def check_number(what: str, value: float, low: float | None = None, high: float | None = None) -> None:
+    """Refuse NaN, ±Inf and absurd magnitudes (NaN passes every comparison, so test it first),
+    then the declared range."""
+    if not math.isfinite(value) or abs(value) > MAX_MAGNITUDE:
+        raise UsageError(f"{what} must be a finite number of magnitude at most {MAX_MAGNITUDE:g}, got {value!r}")
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise UsageError(f"{what} must lie in [{low}, {high}], got {value}")
 
 
 @dataclass
@@ -47,13 +65,14 @@ class Term:
     weight: float
     index: int  # position of the input LoRA
 
-    def scaled_factors(self, ctx: "ModuleContext") -> tuple[torch.Tensor, torch.Tensor]:
-        """Factors of wᵢ·ΔWᵢ with the scale split evenly between them (for exact sums)."""
-        return self.module.scaled_factors(self.weight, ctx.dtype, ctx.device)
+    def scaled_factors(self, ctx: "ModuleContext", dtype: torch.dtype | None = None):
+        """Factors of wᵢ·ΔWᵢ with the scale split evenly between them (for exact sums), in the
+        compute dtype or ``dtype`` (float64 for what must be exact and rounded once)."""
+        return self.module.scaled_factors(self.weight, dtype or ctx.dtype, ctx.device)
 
     def folded_factors(self, ctx: "ModuleContext") -> tuple[torch.Tensor, torch.Tensor]:
-        """(wᵢ·sᵢ·Bᵢ, Aᵢ): weight and scale folded into the up factor. Methods whose result
-        depends on the basis (Core Space, KnOTS) use this one fixed convention."""
+        """(wᵢ·sᵢ·Bᵢ, Aᵢ): weight and scale folded into the up factor (full space: only their
+        dense product matters). Methods that depend on the split take canonical factors."""
         up, down = self.module.factors(ctx.dtype, ctx.device)
         return up * (self.weight * self.module.scale), down
 
@@ -69,6 +88,7 @@ class ModuleContext:
     stats: dict[str, float] = field(default_factory=dict)  # what the method measured
     shared: Any = None  # what the method's prepare pass computed over all modules
     dtype: torch.dtype = torch.float32  # the math's dtype
+    out_dtype: torch.dtype = torch.float32  # the dtype the result is written in (its precision)
 
 
 MethodFn = Callable[..., tuple[torch.Tensor, torch.Tensor]]

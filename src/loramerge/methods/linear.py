@@ -23,14 +23,20 @@ def cat(terms: list[Term], ctx: ModuleContext):
     return weighted_stack(terms, ctx)
 
 
-@register("linear", "Σ wᵢΔWᵢ exactly, re-factorised to its numerical rank (≤ Σrᵢ)")
+@register("linear", "Σ wᵢΔWᵢ exactly, re-factorised to what the output dtype can hold (≤ Σrᵢ)")
 def linear(terms: list[Term], ctx: ModuleContext):
-    B, A = weighted_stack(terms, ctx)
-    if len(terms) == 1:
-        return B, A
+    # float64 throughout and rounded once by the caller: the sum is then exact to the output
+    # dtype's precision, and only a tail below a quarter of its ulp is cut. Exact zeros go too,
+    # measured against the inputs (a LoRA plus itself keeps its own rank; a − a is zero, not
+    # noise). One input goes through the SVD as well, so its factors come out balanced (√σ each
+    # side) whatever scale split it arrived with.
+    pairs = [t.scaled_factors(ctx, torch.float64) for t in terms]
+    B, A = linalg.stack(pairs)
     svd = linalg.svd_of_product(B, A)
-    k = max(linalg.numerical_rank(svd.S, (B.shape[0], A.shape[1])), 1)
-    return svd.truncate(k).factors()
+    zero_below = float(B.norm() * A.norm())  # ≥ every ‖τᵢ‖_F, and cheap
+    k = min(linalg.rank_at_precision(svd.S, torch.finfo(ctx.out_dtype).eps),
+            linalg.numerical_rank(svd.S, (B.shape[0], A.shape[1]), torch.float64, scale=zero_below))
+    return svd.truncate(max(k, 1)).factors()
 
 
 @register("svd", "Σ wᵢΔWᵢ truncated to --rank N (default: the largest input rank) or --energy F",

@@ -13,13 +13,24 @@ per entry (DARE, DELLA).
   vectors (both from thin QR + an R×R SVD); each task becomes Mᵢ = U_Bᵀ·τᵢ·V_Aᵀ =
   (U_Bᵀ Bᵢ)(Aᵢ V_Aᵀ), R×R, never m×n. The rule merges the Mᵢ; the result maps back as
   U_B·M·V_A. The projection is exact for every task (τᵢ = U_B Mᵢ V_A), so a linear rule
-  loses nothing.
+  loses nothing. All of it runs in float64 (it is small) and is rounded once.
+  Canonical factorisation: the bases depend on the factors, not only on their product, so
+  each task first becomes its own thin SVD, Bᵢ = Uᵢ·√σᵢ and Aᵢ = √σᵢ·Vᵢᵀ (weight and
+  alpha/r included, exact zeros dropped). Then BBᵀ = Σ Uᵢσᵢ Uᵢᵀ = Σ (τᵢτᵢᵀ)^½ and the
+  result is a function of the ΔWᵢ alone: the same for (c·up, down/c), (up·G, G⁻¹·down) or
+  extra zero components. A task's own signs do not matter (a sign, or a rotation within a
+  repeated singular value, of Uᵢ changes neither Uᵢσᵢ Uᵢᵀ, all the bases see, nor τᵢ, all the
+  cores see); the bases' signs do, because rules that break an even vote towards + (TIES by
+  frequency) are not sign-equivariant, so each column of U_B and row of V_A has its
+  largest-magnitude entry positive. (The Core Space code folds the scale into Bᵢ and keeps
+  each file's own split.)
 Random draws are per task, from a generator seeded by the module and the task's input index,
 in row-major order: the same numbers whatever the chunking.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -32,8 +43,8 @@ from . import ModuleContext, Param, Term
 SPACE_PARAMS = (
     Param("space", str, "core", "core: merge in Core Space (exact bases, R×R); full: on the dense delta",
           choices=("core", "full")),
-    Param("oversample", int, 10, "randomized SVD oversampling (full space)", low=0),
-    Param("power_iters", int, 2, "randomized SVD power iterations (full space)", low=0),
+    Param("oversample", int, 10, "randomized SVD oversampling (full space)", low=0, high=500),
+    Param("power_iters", int, 2, "randomized SVD power iterations (full space; 1 to 3 is typical)", low=0, high=100),
 )
 _CHUNK_ELEMENTS = 1 << 16  # per task: rows × n kept near this, to stay in cache
 
@@ -65,30 +76,49 @@ def task_seed(module_seed: int, index: int) -> int:
 
 
 def core_bases(terms: list[Term], ctx: ModuleContext) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """(U_B m×R', V_A R''×n, [Mᵢ]) with Mᵢ = U_Bᵀ·wᵢΔWᵢ·V_Aᵀ, computed from the factors."""
-    # wᵢ·sᵢ goes into Bᵢ (as the Core Space code does): how a scale is split between the
-    # factors changes the bases, and so what an entry-wise rule sees.
-    pairs = [t.folded_factors(ctx) for t in terms]
+    """(U_B m×R', V_A R''×n, [Mᵢ]) with Mᵢ = U_Bᵀ·wᵢΔWᵢ·V_Aᵀ, from the canonical factors, in
+    float64. With the given factors stacked, B = Q_B·R_B and Aᵀ = Q_A·R_A, every task is
+    τᵢ = Q_B·Xᵢ·Q_Aᵀ with Xᵢ = R_B[:, i]·R_A[:, i]ᵀ (R×R), and Xᵢ's SVD Pᵢ·Sᵢ·Zᵢᵀ is τᵢ's own
+    (Uᵢ = Q_B·Pᵢ): the canonical factors, their bases and the cores all live in these R×R
+    coordinates, and only the two QRs and the final products touch m or n."""
+    pairs = [t.scaled_factors(ctx, torch.float64) for t in terms]
     B, A = linalg.stack(pairs)
-    U_B = _left_singular_basis(B)
-    V_A = _left_singular_basis(A.T).T
-    cores = [(U_B.T @ up) @ (down @ V_A.T) for up, down in pairs]
-    return U_B, V_A, cores
+    Q_B, R_B = torch.linalg.qr(B)
+    Q_A, R_A = torch.linalg.qr(A.T)
+    starts = [0, *itertools.accumulate(up.shape[1] for up, _ in pairs)]
+    X = [R_B[:, i:j] @ R_A[:, i:j].T for i, j in zip(starts, starts[1:])]
+    shape = (B.shape[0], A.shape[1])
+    canonical = [_canonical(x, shape) for x in X]  # (Pᵢ√Sᵢ, √SᵢZᵢᵀ) per task, in coordinates
+    U = _left_singular_basis(torch.cat([c for c, _ in canonical], dim=1), shape)
+    V = _left_singular_basis(torch.cat([d for _, d in canonical], dim=0).T, shape)
+    U_B, V_A = Q_B @ U, Q_A @ V  # m×R', n×R''
+    su, sv = linalg.column_signs(U_B), linalg.column_signs(V_A)
+    U, V = U * su, V * sv
+    return U_B * su, (V_A * sv).T.contiguous(), [U.T @ x @ V for x in X]
 
 
-def _left_singular_basis(X: torch.Tensor) -> torch.Tensor:
-    """Left singular vectors of X (p×R) for its nonzero singular values: thin QR, then the SVD
-    of the small R×R triangle (X = Q·R = (Q·P)·Σ·Zᵀ)."""
-    Q, R = torch.linalg.qr(X)
-    P, S, _ = torch.linalg.svd(R.double(), full_matrices=False)
-    keep = int(linalg.numerical_rank(S, tuple(X.shape))) or 1
-    return Q @ P[:, :keep].to(X.dtype)
+def _canonical(x: torch.Tensor, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """A task's thin SVD as balanced factors (P·√S, √S·Zᵀ), exact zeros dropped."""
+    P, S, Zh = torch.linalg.svd(x, full_matrices=False)
+    k = linalg.numerical_rank(S, shape, torch.float64)
+    root = S[:k].sqrt()
+    return P[:, :k] * root, root[:, None] * Zh[:k]
+
+
+def _left_singular_basis(X: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """Left singular vectors of the small X for its nonzero singular values. Zero is measured
+    at float64's precision: a small task's directions are genuine, and dropping them loses it."""
+    P, S, _ = torch.linalg.svd(X, full_matrices=False)
+    return P[:, :linalg.numerical_rank(S, shape, torch.float64) or 1]
 
 
 def _flush_noise(cores: torch.Tensor) -> torch.Tensor:
     """Set entries the projection left at rounding level to exactly zero: an entry-wise rule
-    must not count ±1e-17 as a task taking part (TIES would halve an entry only one task has)."""
-    floor = float(cores.abs().max()) * max(cores.shape[1:]) * torch.finfo(cores.dtype).eps
+    must not count ±1e-17 as a task taking part (TIES would halve an entry only one task has).
+    Rounding is relative to each task's own size, so the floor is per task; one floor for all
+    would erase a small task's genuine entries."""
+    size = cores.flatten(1).norm(dim=1).reshape(-1, 1, 1)
+    floor = size * max(cores.shape[1:]) * torch.finfo(cores.dtype).eps
     return torch.where(cores.abs() > floor, cores, torch.zeros_like(cores))
 
 
@@ -112,16 +142,22 @@ def _draws(generators, shape, dtype):
     return torch.stack([torch.rand(shape, generator=g, dtype=dtype) for g in generators])
 
 
+def uniform_draws(terms: list[Term], ctx: ModuleContext, shape) -> torch.Tensor:
+    """T×shape uniform draws, each task from its own seeded generator, in the compute dtype (the
+    numbers of the seed rule), as float64 for rules that run in float64."""
+    return _draws(_generators(terms, ctx), shape, ctx.dtype).double()
+
+
 def _core(terms, ctx, rule):
     U_B, V_A, cores = core_bases(terms, ctx)
     tau = _flush_noise(torch.stack(cores))
     stats = [rule.task_stats(t.abs().reshape(-1)) for t in tau] if rule.task_stats else [None] * len(terms)
-    draws = _draws(_generators(terms, ctx), tau.shape[1:], tau.dtype) if rule.random else None
+    draws = uniform_draws(terms, ctx, tau.shape[1:]) if rule.random else None
     merged = rule.apply(tau, stats, draws)
     if ctx.rank is None and ctx.energy is None:  # keep the core result exactly: rank ≤ R
         return U_B @ merged, V_A
-    P, S, Qh = torch.linalg.svd(merged.double(), full_matrices=False)
-    svd = linalg.LowRankSVD(P.to(merged.dtype), S.to(merged.dtype), Qh.to(merged.dtype))
+    P, S, Qh = torch.linalg.svd(merged, full_matrices=False)
+    svd = linalg.LowRankSVD(P, S, Qh)
     k = linalg.rank_for_energy(svd.S, ctx.energy) if ctx.energy is not None else min(ctx.rank, S.numel())
     kept = svd.truncate(max(k, 1))
     ctx.stats["energy_kept"] = float(kept.energy / svd.energy) if float(svd.energy) > 0 else 1.0

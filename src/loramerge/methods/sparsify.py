@@ -16,6 +16,8 @@ Conventions (the papers' formulas; where implementations differ, which one we fo
   mean.
 - breadcrumbs drops the largest int(γ·N) entries and the smallest, keeping int(density·N)
   per module (mergekit's per-tensor form, without its γ·N < 1 bug that zeroes the tensor).
+  When density + γ > 1 density wins and fewer large entries are dropped (mergekit does the
+  same): density is what every sparsifier here promises.
 Every result is multiplied by ``lambda``.
 """
 
@@ -90,11 +92,12 @@ def della(tau: torch.Tensor, density: float, epsilon: float, draws: torch.Tensor
 
 
 def breadcrumb_thresholds(density: float, gamma: float):
-    """Per task: (hi, lo) so that lo ≤ |τ| < hi keeps int(density·N) entries below the int(γ·N) largest."""
+    """Per task: (hi, lo) so that lo ≤ |τ| < hi keeps int(density·N) entries just below the
+    largest ones dropped: int(γ·N) of them, fewer when density + γ > 1 (density wins)."""
     def stats(abs_values):
         n = abs_values.numel()
-        n_top = int(gamma * n)
-        n_keep = min(int(density * n), n - n_top)
+        n_keep = int(density * n)
+        n_top = min(int(gamma * n), n - n_keep)
         hi = kth_largest(abs_values, n_top) if n_top else float("inf")
         lo = kth_largest(abs_values, n_top + n_keep) if n_keep else float("inf")
         return hi, lo
