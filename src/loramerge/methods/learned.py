@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from ..errors import UsageError
 from ..runtime import tensors_in
-from . import ModuleContext, Param, Term, register
+from .registry import ModuleContext, Param, Term, register
 
 LEARNED_PARAMS = (
     Param("base", str, "", "the base diffusers pipeline folder the LoRAs belong to (required; --base)"),

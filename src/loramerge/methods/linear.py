@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .. import linalg
-from . import ModuleContext, Term, register
+from .registry import ModuleContext, Term, register
 
 
 def weighted_stack(terms: list[Term], ctx: ModuleContext) -> tuple[torch.Tensor, torch.Tensor]:

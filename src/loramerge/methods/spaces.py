@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from .. import linalg
-from . import ModuleContext, Param, Term
+from .registry import ModuleContext, Param, Term
 
 SPACE_PARAMS = (
     Param("space", str, "core", "core: merge in Core Space (exact bases, R×R); full: on the dense delta",

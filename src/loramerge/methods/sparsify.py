@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ModuleContext, Param, Term, register
+from .registry import ModuleContext, Param, Term, register
 from .spaces import SPACE_PARAMS, Rule, kth_largest, merge_in_space
 
 DENSITY = Param("density", float, 0.5, "fraction of entries each task keeps", low=0.0, high=1.0)

@@ -28,7 +28,7 @@ import torch
 
 from .. import linalg
 from ..errors import UsageError
-from . import ModuleContext, Param, Term, register
+from .registry import ModuleContext, Param, Term, register
 from .sparsify import DENSITY, LAMBDA, MAJORITY, dare, magnitude_threshold, ties_merge, trim
 from .spaces import uniform_draws
 
