@@ -116,6 +116,8 @@ def merge(
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection of the inputs."),
     title: Optional[str] = typer.Option(None, "--title", help="modelspec.title of the output."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model (a .safetensors single file or a diffusers "
+                                        "folder): DoRA, IA3, OFT, BOFT and GLoRA modules become their exact ΔW on it."),
 ):
     """Merge LoRAs on ΔW and write one LoRA file (from arguments, or from --recipe)."""
     content_flags = {"--method": method, "--rank": rank, "--energy": energy, "--space": space, "--param": param or None,
@@ -150,7 +152,7 @@ def merge(
         if plan.format is not None and plan.format not in formats():
             raise UsageError(f"unknown format {plan.format!r}; use {' or '.join(formats())}")
         resolve_dtype(plan.dtype)
-        check_output(target, [str(s.path) for s in plan.sources])
+        check_output(target, [str(s.path) for s in plan.sources] + ([str(base)] if base else []))
         start = time.perf_counter()
         loras = load_all([s.path for s in plan.sources], arch=plan.arch)
         with make_progress() as progress:
@@ -159,7 +161,7 @@ def merge(
             def tick(done, total, key):
                 progress.update(task, completed=done, total=total)
 
-            result = merge_loras(loras, progress=tick, **plan.merge_kwargs())
+            result = merge_loras(loras, progress=tick, base=base, **plan.merge_kwargs())
         extra = {"modelspec.title": plan.title} if plan.title else None
         save(result, target, format=plan.format, dtype=plan.dtype, metadata=extra)
         _print_merge_summary(result, target, time.perf_counter() - start)

@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .basemodel import resolve_against_base
 from .errors import ArchitectureMismatchError, ShapeMismatchError, UsageError
 from .io import load_all
 from .lora import LoRA, LoraModule
@@ -38,9 +39,17 @@ def merge(
     progress: ProgressFn | None = None,
     block_weights=None,
     compute_dtype: torch.dtype = torch.float32,
+    base=None,
     **params,
 ) -> LoRA:
     """Merge LoRAs on ΔW: result ΔW = method({wᵢ·ΔWᵢ}) per module.
+
+    Bias deltas and norm-weight (1-D) deltas combine linearly, Σ wᵢ·Δbᵢ, whatever the method:
+    the methods shape low-rank matrices, and a vector has nothing for them to trim or
+    re-factorise. Modules whose change depends on the base weight (DoRA, IA3, OFT, BOFT,
+    GLoRA) need ``base`` (a base checkpoint: single file or diffusers folder): each becomes its
+    exact ΔW = W' − W there (:func:`loramerge.basemodel.resolve_against_base`); without it they
+    are refused.
 
     ``weights`` default to 1. Modules present in only some inputs are merged from those
     inputs alone (so they keep their own weight). ``rank``/``energy`` apply to methods that
@@ -51,6 +60,12 @@ def merge(
     inputs = load_all(loras)
     if not inputs:
         raise UsageError("nothing to merge: give at least one LoRA")
+    if base is not None:
+        inputs = resolve_against_base(inputs, base)
+    for lora in inputs:
+        for module in lora:
+            if module.needs_base:
+                raise module.base_error()
     weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
     if len(weights) != len(inputs):
         raise UsageError(f"{len(inputs)} LoRAs but {len(weights)} weights")
@@ -74,16 +89,21 @@ def merge(
         shape = _check_shapes(terms, inputs)
         return terms, ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key), dtype=compute_dtype)
 
-    shared = the_method.prepare((module_terms(k) for k in keys), resolved) if the_method.prepare else None
+    vectors = {k for k in keys if next(lora[k] for lora in inputs if k in lora).is_vector}
+    matrices = (module_terms(k) for k in keys if k not in vectors)
+    shared = the_method.prepare(matrices, resolved) if the_method.prepare else None
     modules, stats = [], {}
     for i, key in enumerate(keys):
         terms, ctx = module_terms(key)
         shape, ctx.shared = ctx.shape, shared
-        up, down = the_method.fn(terms, ctx, **resolved)
+        if key in vectors:
+            up, down = sum(t.weight * t.module.delta().reshape(-1, 1) for t in terms), torch.ones(1, 1)
+        else:
+            up, down = the_method.fn(terms, ctx, **resolved)
         first = terms[0].module
         modules.append(LoraModule.from_factors(
             first.component, first.name, up.cpu(), down.cpu(), shape,
-            kind="lora", dtype=out_dtype, bias=_merged_bias(terms),
+            kind="norm" if key in vectors else "lora", dtype=out_dtype, bias=_merged_bias(terms),
         ))
         if ctx.stats:
             stats[key] = dict(ctx.stats)
@@ -142,7 +162,7 @@ def _check_shapes(terms: list[Term], inputs: list[LoRA]) -> tuple[int, ...]:
     ref = terms[0].module
     for t in terms[1:]:
         m = t.module
-        compatible = _flat(m.shape) == _flat(ref.shape) and (
+        compatible = m.is_vector == ref.is_vector and _flat(m.shape) == _flat(ref.shape) and (
             m.shape == ref.shape or (m.shape[2:] in ((), (1, 1)) and ref.shape[2:] in ((), (1, 1)))
         )
         if not compatible:
@@ -155,6 +175,7 @@ def _check_shapes(terms: list[Term], inputs: list[LoRA]) -> tuple[int, ...]:
 
 
 def _merged_bias(terms: list[Term]) -> torch.Tensor | None:
+    """Σ wᵢ·Δbᵢ over the inputs that carry a bias delta (linear for every method)."""
     biases = [(t.weight, t.module.bias_delta()) for t in terms if t.module.bias is not None]
     if not biases:
         return None
