@@ -4,11 +4,14 @@ against diffusers/PEFT's or LyCORIS's own construction of the weight, or the for
 here in float64. T-LoRA and PEFT's IA3 are refused naming the module; fuse refuses what it
 cannot write exactly (fp16 overflow, integer and NaN base tensors)."""
 
+import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import loramerge
@@ -83,14 +86,25 @@ def snapshot(pipe):
 # 1. bias deltas: PEFT lora_B.bias and LyCORIS diff_b
 
 
-def write_peft_with_bias(path, factors, seed):
-    """diffusers keys with PEFT's lora_B.bias (lora_bias=True), alphas in lora_adapter_metadata."""
-    tiny.write_diffusers(path, factors)
-    sd = load_file(str(path))
-    from safetensors import safe_open
+def with_bias(component, name) -> bool:
+    """diffusers' attention projections have no bias; every other targeted layer has one."""
+    return not name.endswith(("to_q", "to_k", "to_v"))
 
+
+def peft_file(path, factors, flag):
+    """diffusers keys, alphas in lora_adapter_metadata with ``flag`` (lora_bias, use_dora) set,
+    as diffusers writes them: (its tensors, its header)."""
+    tiny.write_diffusers(path, factors)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
+    config = json.loads(meta["lora_adapter_metadata"])
+    config.update({f"{component}.{flag}": True for component, _ in factors})
+    return load_file(str(path)), {**meta, "lora_adapter_metadata": json.dumps(config)}
+
+
+def write_peft_with_bias(path, factors, seed):
+    """diffusers keys with PEFT's lora_B.bias (lora_bias=True)."""
+    sd, meta = peft_file(path, factors, "lora_bias")
     gen = torch.Generator().manual_seed(seed)
     for (component, name), (up, _, _) in factors.items():
         sd[f"{component}.{name}.lora_B.bias"] = torch.randn(up.shape[0], generator=gen) * 0.3
@@ -101,7 +115,8 @@ def write_peft_with_bias(path, factors, seed):
 def test_bias_deltas_fuse_and_attach_like_diffusers(world, tmp_path):
     folder, pipe = world
     mods = tiny.targets(pipe, ("unet", "text_encoder"))
-    a = tiny.random_factors(mods, rank=4, alpha=2.0, seed=1)
+    # PEFT cannot merge lora_bias into a layer without a bias (diffusers' q, k, v): a has none there
+    a = tiny.random_factors({k: v for k, v in mods.items() if with_bias(*k)}, rank=4, alpha=2.0, seed=1)
     b = tiny.random_factors({k: v for k, v in mods.items() if "attentions" in k[1]}, rank=3, alpha=6.0, seed=2)
     write_peft_with_bias(tmp_path / "a.safetensors", a, seed=3)
     tiny.write_kohya(tmp_path / "b.safetensors", "sd1", b)  # no bias: only a's counts
@@ -111,7 +126,8 @@ def test_bias_deltas_fuse_and_attach_like_diffusers(world, tmp_path):
     ref.load_lora_weights(str(tmp_path / "b.safetensors"), adapter_name="b")
     ref.set_adapters(["a", "b"], adapter_weights=weights)
     ref.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
-    assert not torch.equal(param(ref, "unet", Q, "bias"), param(pipe, "unet", Q, "bias"))  # diffusers moved it
+    ff = Q.replace("attn1.to_q", "ff.net.2")
+    assert not torch.equal(param(ref, "unet", ff, "bias"), param(pipe, "unet", ff, "bias"))  # diffusers moved it
 
     loras = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
     fuse(folder / "pipe", loras, tmp_path / "fused", weights=weights)
@@ -156,9 +172,9 @@ def test_bias_rows_of_fused_tensors_and_written_fused_biases(tmp_path):
     fuse(tmp_path / "xl.safetensors", [tmp_path / "l.safetensors"], tmp_path / "out.safetensors", weights=[0.5])
     back = tiny.from_single_file_state(load_file(str(tmp_path / "out.safetensors")), pipe, "sdxl")
     for name in names:
-        got = back[("text_encoder_2", name.removeprefix("text_model.") + ".bias")]
+        got = single_param(back, "text_encoder_2", name, "bias")
         assert torch.allclose(got.double(), expected[name], atol=1e-6), name
-    k_bias = back[("text_encoder_2", "encoder.layers.1.self_attn.k_proj.bias")]
+    k_bias = single_param(back, "text_encoder_2", "text_model.encoder.layers.1.self_attn.k_proj", "bias")
     assert torch.equal(k_bias, param(pipe, "text_encoder_2", "text_model.encoder.layers.1.self_attn.k_proj", "bias"))
 
     # Flux: to_q and to_k with bias deltas, written as one kohya qkv, read back member by member
@@ -255,12 +271,7 @@ def test_norm_weight_deltas(world, tmp_path):
 
 def peft_dora_file(path, pipe, mods, seed):
     factors = tiny.random_factors(mods, rank=4, alpha=8.0, seed=seed)
-    tiny.write_diffusers(path, factors)
-    sd = load_file(str(path))
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata()
+    sd, meta = peft_file(path, factors, "use_dora")
     gen = torch.Generator().manual_seed(seed + 100)
     for (component, name), module in mods.items():
         w = module.weight.detach()
@@ -272,12 +283,16 @@ def peft_dora_file(path, pipe, mods, seed):
 
 def test_peft_dora_fuses_and_attaches_like_diffusers(world, tmp_path):
     folder, pipe = world
-    mods = {k: v for k, v in tiny.targets(pipe, ("unet",)).items() if "down_blocks.0" in k[1]}  # Linear and conv
+    # Linear layers: diffusers 0.42 does not load a conv's magnitude (reports it unexpected; next test)
+    mods = {k: v for k, v in tiny.targets(pipe, ("unet",)).items()
+            if "down_blocks.0" in k[1] and isinstance(v, torch.nn.Linear)}
     peft_dora_file(tmp_path / "dora.safetensors", pipe, mods, seed=4)
     ref = tiny.sd15_pipeline()
     ref.load_lora_weights(str(tmp_path / "dora.safetensors"), adapter_name="d")
+    magnitude = load_file(str(tmp_path / "dora.safetensors"))[f"unet.{Q}.lora_magnitude_vector"]
+    assert torch.equal(layer(ref, "unet", Q).lora_magnitude_vector["d"].weight, magnitude)  # it is loaded
     ref.fuse_lora(components=["unet"], lora_scale=1.0)
-    lora = loramerge.load(tmp_path / "dora.safetensors")
+    lora = loramerge.load(tmp_path / "dora.safetensors", arch="sd1")
     assert {m.kind for m in lora} == {"lora+dora"}
     with pytest.raises(UnsupportedModuleError, match=r"is DoRA \(LoRA\).*--base"):
         loramerge.merge([lora], device="cpu")
@@ -293,9 +308,9 @@ def test_peft_dora_fuses_and_attaches_like_diffusers(world, tmp_path):
     for (_, name) in mods:
         theirs, base = param(ref, "unet", name), param(pipe, "unet", name)
         assert rel(folder_param(sd, name), theirs, base) < 1e-5, name
-        half = theirs.half().float()  # the fp32 result rounded once
-        assert torch.equal(single[("unet", name + ".weight")].float(), half), name
-        assert torch.equal(param(mix_pipe, "unet", name).float(), half), name
+        half = theirs.half().float()  # the fp32 result rounded once (ours and theirs differ by ~1e-7)
+        for ours in (single[("unet", name + ".weight")].float(), param(mix_pipe, "unet", name).float()):
+            assert (ours - half).abs().max() <= half_ulp(half), name
     mix.set_weights({"d": 0.6})  # a weight scales W' − W (ComfyUI's strength)
     for (_, name) in list(mods)[:3]:
         theirs, base = param(ref, "unet", name).double(), param(pipe, "unet", name).double()
@@ -303,6 +318,22 @@ def test_peft_dora_fuses_and_attaches_like_diffusers(world, tmp_path):
         assert (param(mix_pipe, "unet", name).float() - expected).abs().max() <= 2 * half_ulp(expected), name
     mix.unfuse()
     assert all(torch.equal(original[k], v) for k, v in snapshot(mix_pipe).items())
+
+
+def test_peft_dora_on_a_conv_is_normalised_per_output_channel(world, tmp_path):
+    """PEFT stores a conv's magnitude as (1, out, 1, 1) and normalises W + s·BA per output
+    channel (over in·kh·kw): the formula, in float64."""
+    folder, pipe = world
+    mods = {("unet", CONV): layer(pipe, "unet", CONV)}
+    factors = peft_dora_file(tmp_path / "conv.safetensors", pipe, mods, seed=5)
+    magnitude = load_file(str(tmp_path / "conv.safetensors"))[f"unet.{CONV}.lora_magnitude_vector"].double()
+    w = param(pipe, "unet", CONV).double()
+    up, down, alpha = factors[("unet", CONV)]
+    v = w + alpha / 4 * (up.double().reshape(-1, 4) @ down.double().reshape(4, -1)).reshape(w.shape)
+    expected = v * (magnitude.reshape(-1) / v.reshape(v.shape[0], -1).norm(dim=1)).reshape(-1, 1, 1, 1)
+    fuse(folder / "pipe", [tmp_path / "conv.safetensors"], tmp_path / "fused")
+    got = folder_param(folder_params(tmp_path / "fused", "unet"), CONV)
+    assert rel(got, expected, w) < 1e-5
 
 
 def half_ulp(t):
@@ -421,7 +452,7 @@ def test_lycoris_types_fuse_attach_and_merge_against_a_base(world, lycoris_file,
     proc = subprocess.run([sys.executable, "-m", "loramerge", "merge", str(path), "-o", str(tmp_path / "x.safetensors")],
                           capture_output=True, text=True)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert "--base" in proc.stderr and "unet." in proc.stderr and "depends on the base weight" in proc.stderr
+    assert re.search(r"module (unet|text_encoder)\.\S+ is .*depends on the base weight.*--base BASE", proc.stderr), proc.stderr
 
 
 def test_tlora_and_peft_types_are_named_and_refused(tmp_path):
@@ -463,6 +494,7 @@ def test_fuse_refuses_overflow_integer_and_nan_bases(world, tmp_path):
         assert not out.exists() and not list(tmp_path.glob(f".out_{label}*"))
     fuse(tmp_path / "untouched.safetensors", [tmp_path / "l.safetensors"], tmp_path / "bf16.safetensors", dtype="bf16")
     mix_pipe = tiny.sd15_pipeline()
-    layer(mix_pipe, "unet", Q).weight.data = layer(mix_pipe, "unet", Q).weight.data.to(torch.int16)
+    to_q = layer(mix_pipe, "unet", Q)
+    to_q.weight = torch.nn.Parameter(to_q.weight.detach().to(torch.int16), requires_grad=False)
     with pytest.raises(LoraMergeError, match=rf"parameter unet.{Q} is int16, not floating point"):
         loramerge.attach(mix_pipe, {"l": tmp_path / "l.safetensors"})
