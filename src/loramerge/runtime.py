@@ -8,7 +8,9 @@
     mix.detach()
 
 Every patch is computed from the original weight W₀ (kept on the CPU, float32 math, one cast
-to the layer's dtype), never from the previous patch, so nothing accumulates. Parameters are
+to the layer's dtype), never from the previous patch, so nothing accumulates. Bias deltas patch
+the layer's bias, norm-weight deltas the norm's weight (restored the same way); DoRA, IA3, OFT,
+BOFT and GLoRA modules are computed from W₀: w·(W' − W₀). Parameters are
 changed in place (same tensors, shapes, dtypes), so a ``torch.compile``'d module keeps its
 compiled graph. The cost: one CPU copy of every weight a LoRA touches (:meth:`memory_cost`).
 """
