@@ -77,6 +77,22 @@ def kohya(component, name):
     return tiny.kohya_key("sd1", component, name)
 
 
+def fuse_everywhere(world, loras: dict, weights: dict, tmp_path):
+    """``loras`` ({name: file}) fused into the folder and into the single file, and attached to a
+    fresh pipeline and fused there: (fused folder, single file read back, the mix, its pipeline,
+    that pipeline's original parameters)."""
+    folder, pipe = world
+    files, ws = list(loras.values()), [weights[n] for n in loras]
+    fuse(folder / "pipe", files, tmp_path / "fused", weights=ws)
+    fuse(folder / "single.safetensors", files, tmp_path / "fused.safetensors", weights=ws)
+    mix_pipe = tiny.sd15_pipeline()
+    original = snapshot(mix_pipe)
+    mix = loramerge.attach(mix_pipe, loras)
+    mix.set_weights(weights)
+    mix.fuse()
+    return tmp_path / "fused", single_params(tmp_path / "fused.safetensors", pipe), mix, mix_pipe, original
+
+
 def snapshot(pipe):
     return {f"{c}.{n}": p.detach().clone() for c in ("unet", "text_encoder")
             for n, p in getattr(pipe, c).named_parameters()}
@@ -129,15 +145,8 @@ def test_bias_deltas_fuse_and_attach_like_diffusers(world, tmp_path):
     ff = Q.replace("attn1.to_q", "ff.net.2")
     assert not torch.equal(param(ref, "unet", ff, "bias"), param(pipe, "unet", ff, "bias"))  # diffusers moved it
 
-    loras = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
-    fuse(folder / "pipe", loras, tmp_path / "fused", weights=weights)
-    fuse(folder / "single.safetensors", loras, tmp_path / "fused.safetensors", weights=weights)
-    single = single_params(tmp_path / "fused.safetensors", pipe)
-    mix_pipe = tiny.sd15_pipeline()
-    original = snapshot(mix_pipe)
-    mix = loramerge.attach(mix_pipe, {"a": loras[0], "b": loras[1]})
-    mix.set_weights(dict(zip("ab", weights)))
-    mix.fuse()
+    loras = {"a": tmp_path / "a.safetensors", "b": tmp_path / "b.safetensors"}
+    _, single, mix, mix_pipe, original = fuse_everywhere(world, loras, dict(zip("ab", weights)), tmp_path)
     for component in ("unet", "text_encoder"):
         sd = folder_params(tmp_path / "fused", component)
         for (c, name) in a:
@@ -233,14 +242,7 @@ def test_norm_weight_deltas(world, tmp_path):
             total_w, total_b = total_w + weights[1] * db[key][0], total_b + weights[1] * db[key][1]
         expected[key] = (param(pipe, *key).double() + total_w, param(pipe, *key, "bias").double() + total_b)
     loras = [tmp_path / "a.safetensors", tmp_path / "b.safetensors"]
-    fuse(folder / "pipe", loras, tmp_path / "fused", weights=weights)
-    fuse(folder / "single.safetensors", loras, tmp_path / "fused.safetensors", weights=weights)
-    single = single_params(tmp_path / "fused.safetensors", pipe)
-    mix_pipe = tiny.sd15_pipeline()
-    original = snapshot(mix_pipe)
-    mix = loramerge.attach(mix_pipe, dict(zip("ab", loras)))
-    mix.set_weights(dict(zip("ab", weights)))
-    mix.fuse()
+    _, single, mix, mix_pipe, original = fuse_everywhere(world, dict(zip("ab", loras)), dict(zip("ab", weights)), tmp_path)
     for linear in ("linear", "ties"):  # vectors merge linearly whatever the method
         merged = loramerge.merge(loras, weights, method=linear, device="cpu")
         loramerge.save(merged, tmp_path / f"{linear}.safetensors")
@@ -422,14 +424,8 @@ def test_lycoris_types_fuse_attach_and_merge_against_a_base(world, lycoris_file,
         expected[(component, name)] = base + w_lyco * (merged.double() - base)
     expected[("unet", Q)] += w_plain * tiny.delta_of(*plain[("unet", Q)], param(pipe, "unet", Q).shape).double()
     loras = [path, tmp_path / "plain.safetensors"]
-    fuse(folder / "pipe", loras, tmp_path / "fused", weights=[w_lyco, w_plain])
-    fuse(folder / "single.safetensors", loras, tmp_path / "f.safetensors", weights=[w_lyco, w_plain])
-    single = single_params(tmp_path / "f.safetensors", pipe)
-    mix_pipe = tiny.sd15_pipeline()
-    original = snapshot(mix_pipe)
-    mix = loramerge.attach(mix_pipe, {"l": path, "p": tmp_path / "plain.safetensors"})
-    mix.set_weights({"l": w_lyco, "p": w_plain})
-    mix.fuse()
+    _, single, mix, mix_pipe, original = fuse_everywhere(world, dict(zip("lp", loras)), {"l": w_lyco, "p": w_plain},
+                                                         tmp_path)
     # merge --base (CLI, a diffusers folder) gives a plain LoRA file whose fuse is the same; a single-file base too
     out = tmp_path / "merged.safetensors"
     proc = subprocess.run([sys.executable, "-m", "loramerge", "merge", f"{path}:{w_lyco}", f"{loras[1]}:{w_plain}",
