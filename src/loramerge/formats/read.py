@@ -212,7 +212,7 @@ def _target_shape(raw: RawModule, source: TensorSource) -> tuple[int, ...]:
         return shape["diff"]
     if kind == "norm":
         return shape["w_norm"]
-    # base-dependent types: the dimension their tensors fix; the other comes from the key tables
+    # base-dependent types: the side their tensors fix (0: the other, from the key tables or the base)
     if kind == "ia3":
         _require(raw, source, "ia3_weight")
         n = math.prod(shape["ia3_weight"])
