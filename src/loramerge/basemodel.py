@@ -44,15 +44,13 @@ def resolve_against_base(loras: Sequence[LoRA], base: Checkpoint | str | os.Path
     """Each module of ``loras`` whose change depends on the base weight, replaced by its exact
     ΔW = W' − W given ``base`` (dense factors (I, ΔW) or (ΔW, I), rank min(m, n), read lazily);
     every other module unchanged. A weight w on such a module then means w·(W' − W)."""
-    if not any(m.needs_base for lora in loras for m in lora):
-        return list(loras)
-    ckpt = open_base(base)
+    ckpt = open_base(base)  # opened (and its architecture checked) even when nothing needs it
     out = []
     for lora in loras:
+        ckpt.check_arch(lora.arch, lora.path)
         if not any(m.needs_base for m in lora):
             out.append(lora)
             continue
-        ckpt.check_arch(lora.arch, lora.path)
         modules = [_resolved(m, ckpt) if m.needs_base else m for m in lora]
         copy = LoRA(modules, lora.arch, lora.format, lora.metadata, lora.path)
         copy.variant = lora.variant

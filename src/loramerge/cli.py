@@ -154,14 +154,18 @@ def merge(
         resolve_dtype(plan.dtype)
         check_output(target, [str(s.path) for s in plan.sources] + ([str(base)] if base else []))
         start = time.perf_counter()
-        loras = load_all([s.path for s in plan.sources], arch=plan.arch)
+        from .basemodel import open_base
+
+        base_model = open_base(base) if base is not None else None  # header only, until a module needs it
+        prefer = base_model.arch if base_model else None  # a file fitting several architectures: the base's
+        loras = load_all([s.path for s in plan.sources], arch=plan.arch, prefer=prefer)
         with make_progress() as progress:
             task = progress.add_task(f"merging ({plan.method})", total=None)
 
             def tick(done, total, key):
                 progress.update(task, completed=done, total=total)
 
-            result = merge_loras(loras, progress=tick, base=base, **plan.merge_kwargs())
+            result = merge_loras(loras, progress=tick, base=base_model, **plan.merge_kwargs())
         extra = {"modelspec.title": plan.title} if plan.title else None
         save(result, target, format=plan.format, dtype=plan.dtype, metadata=extra)
         _print_merge_summary(result, target, time.perf_counter() - start)
