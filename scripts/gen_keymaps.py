@@ -1,7 +1,8 @@
 """Regenerate src/loramerge/formats/keymaps/<variant>.json.gz from the architectures' configs.
 
 Builds each component of every variant (src/loramerge/formats/archs/*.py) on the meta device
-(no weights, no download) and records every Linear/Conv module's name and weight shape.
+(no weights, no download) and records every Linear/Conv module's name and weight shape, and
+every norm layer's 1-D weight (where LyCORIS norm-weight deltas land).
 Run: python scripts/gen_keymaps.py [variant …]
 """
 

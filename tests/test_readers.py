@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 import loramerge
-from loramerge.errors import NotALoraError, UnsupportedModuleError, FileFormatError
+from loramerge.errors import NotALoraError, FileFormatError
 
 G = torch.Generator().manual_seed(0)
 
@@ -115,13 +115,6 @@ def test_full_diff_and_bias(tmp_path):
     assert m.kind == "full"
     assert_delta(m, diff)
     assert torch.equal(m.bias_delta(), diff_b)
-
-
-def test_dora_is_refused_with_the_module_named(tmp_path):
-    with pytest.raises(UnsupportedModuleError, match="DoRA") as info:
-        read_one(tmp_path, {f"{Q}.lora_up.weight": rnd(320, 4), f"{Q}.lora_down.weight": rnd(4, 320),
-                            f"{Q}.dora_scale": rnd(1, 320)})
-    assert Q in str(info.value) and "x.safetensors" in str(info.value)
 
 
 def test_unmappable_keys_are_listed(tmp_path):

@@ -116,7 +116,9 @@ def merge(
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection of the inputs."),
     title: Optional[str] = typer.Option(None, "--title", help="modelspec.title of the output."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
-    base: Optional[Path] = typer.Option(None, "--base", help="Base pipeline folder: learned methods (ziplora, soups_cat) train on it."),
+    base: Optional[Path] = typer.Option(None, "--base", help="Base model (a diffusers folder, or a .safetensors single "
+                                        "file): DoRA, IA3, OFT, BOFT and GLoRA modules become their exact ΔW on it; "
+                                        "learned methods (ziplora, soups_cat) train on it (a pipeline folder)."),
     prompts: List[str] = typer.Option([], "--prompts", help="Prompt template for learned methods; {trigger} = the LoRA's trigger phrase (repeatable)."),
 ):
     """Merge LoRAs on ΔW and write one LoRA file (from arguments, or from --recipe)."""
@@ -128,6 +130,7 @@ def merge(
         from .formats.write import formats, resolve_dtype
         from .io import load_all, save
         from .merge import merge as merge_loras
+        from .methods import get_method
         from .recipe import Recipe, Source, load_recipe
 
         if recipe is not None:
@@ -149,9 +152,12 @@ def merge(
         if plan.compose:
             raise UsageError(f"this recipe composes the LoRAs at inference time (compose.method "
                              f"{plan.compose['method']}); use it with loramerge.compose_recipe, there is no file to merge")
-        if base is not None:
+        declared = {p.name for p in get_method(plan.method).params}
+        if base is not None and "base" in declared:  # learned methods train on the base pipeline
             plan.params["base"] = str(base)
         if prompts:
+            if "prompts" not in declared:
+                raise UsageError(f"--prompts applies to learned methods (ziplora, soups_cat), not {plan.method!r}")
             plan.params["prompts"] = "|".join(prompts)
         target = output or plan.output
         if target is None:
@@ -159,9 +165,13 @@ def merge(
         if plan.format is not None and plan.format not in formats():
             raise UsageError(f"unknown format {plan.format!r}; use {' or '.join(formats())}")
         resolve_dtype(plan.dtype)
-        check_output(target, [str(s.path) for s in plan.sources])
+        check_output(target, [str(s.path) for s in plan.sources] + ([str(base)] if base else []))
         start = time.perf_counter()
-        loras = load_all([s.path for s in plan.sources], arch=plan.arch)
+        from .basemodel import open_base
+
+        base_model = open_base(base) if base is not None else None  # header only, until a module needs it
+        prefer = base_model.arch if base_model else None  # a file fitting several architectures: the base's
+        loras = load_all([s.path for s in plan.sources], arch=plan.arch, prefer=prefer)
         with make_progress() as progress:
             task = progress.add_task(f"merging ({plan.method})", total=None)
 
@@ -169,7 +179,7 @@ def merge(
                 stage = "training" if key == "training" else "merging"
                 progress.update(task, completed=done, total=total, description=f"{stage} ({plan.method})")
 
-            result = merge_loras(loras, progress=tick, **plan.merge_kwargs())
+            result = merge_loras(loras, progress=tick, base=base_model, **plan.merge_kwargs())
         extra = {"modelspec.title": plan.title} if plan.title else None
         save(result, target, format=plan.format, dtype=plan.dtype, metadata=extra)
         _print_merge_summary(result, target, time.perf_counter() - start)

@@ -19,13 +19,15 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import LoraMergeError, OutputPathError, ShapeMismatchError
+from .basemodel import place
+from .blocks import parse_block_weights
+from .errors import LoraMergeError, NonFiniteError, OutputPathError, ShapeMismatchError
 from .formats.checkpoint import Checkpoint, Placement, to_module_layout
 from .formats.safetensors_io import StreamingWriter, TensorSpec
 from .formats.write import resolve_dtype
-from .lora import LoRA, LoraModule
+from .lora import LoRA, LoraModule, all_finite
 from .io import load_all
-from .merge import merge
+from .merge import _per_input, merge
 
 Progress = Callable[[int, int, str], None]
 
@@ -40,36 +42,48 @@ class FuseReport:
     components: list[str] = field(default_factory=list)
 
 
-def placed_delta(module: LoraModule, placement: Placement) -> torch.Tensor:
-    """The module's ΔW (float32) laid out as the checkpoint stores that weight."""
-    return to_module_layout(module.delta(torch.float32), placement)
+@dataclass(frozen=True)
+class Change:
+    """One module's contribution to one checkpoint tensor: its weight, or its layer's bias."""
+
+    module: LoraModule
+    placement: Placement
+    part: str = "weight"  # or "bias"
+    coefficient: float = 1.0  # merged modules carry their weights; streamed ones get it here
 
 
-def plan_fusion(ckpt: Checkpoint, merged: LoRA) -> dict[tuple[str, str], list[tuple[LoraModule, Placement]]]:
-    """(file, tensor) → the modules that change it; refuses missing components and bad shapes."""
-    plan: dict[tuple[str, str], list] = collections.defaultdict(list)
-    available = ckpt.components
-    for module in merged:
-        placement = ckpt.placement(module.component, module.name)
-        if placement is None:
-            if module.component not in available:
-                raise LoraMergeError(
-                    f"the base has no {module.component} (needed by module {module.key}); "
-                    f"it holds {', '.join(sorted(available)) or 'nothing usable'}", ckpt.path)
-            raise LoraMergeError(f"the base has no weight for module {module.key}", ckpt.path)
-        shape = ckpt.module_shape(placement)
-        if math_prod(shape) != math_prod(module.shape) or shape[0] != module.shape[0]:
-            raise ShapeMismatchError(
-                f"module {module.key} is {tuple(module.shape)} in the LoRA but {tuple(shape)} in the base", ckpt.path)
-        plan[(placement.file, placement.key)].append((module, placement))
+def placed_delta(change: Change, base: torch.Tensor) -> torch.Tensor:
+    """The change (float32) laid out as the checkpoint stores it; ``base`` is the original tensor
+    (float32, the placement's rows), which base-dependent modules are computed from."""
+    module, placement = change.module, change.placement
+    if change.part == "bias":
+        delta = module.bias_delta(torch.float32)
+        if delta.numel() != base.numel():
+            raise ShapeMismatchError(f"module {module.key} has a bias delta of {delta.numel()} values for the "
+                                     f"{base.numel()} of {placement.key}", module.source)
+    elif module.needs_base:
+        delta = module.delta_given(to_module_layout(base, placement))
+    else:
+        delta = module.delta(torch.float32)
+    return change.coefficient * to_module_layout(delta, placement)
+
+
+def plan_fusion(ckpt: Checkpoint, merged: LoRA, streamed: Sequence[tuple[LoraModule, float]] = ()
+                ) -> dict[tuple[str, str], list[Change]]:
+    """(file, tensor) → the changes to it: every module's weight and bias delta, and the
+    ``streamed`` (module, weight) pairs applied from the base itself. Refuses missing
+    components, bad shapes and bias deltas on layers without a bias."""
+    plan: dict[tuple[str, str], list[Change]] = collections.defaultdict(list)
+    for module, coefficient in [(m, 1.0) for m in merged] + list(streamed):
+        placement = place(ckpt, module)
+        plan[(placement.file, placement.key)].append(Change(module, placement, "weight", coefficient))
+        if module.bias is not None:
+            bias = ckpt.bias_placement(placement)
+            if bias is None:
+                raise LoraMergeError(f"module {module.key} changes a bias, but the base has no bias beside "
+                                     f"{placement.key}", ckpt.path)
+            plan[(bias.file, bias.key)].append(Change(module, bias, "bias", coefficient))
     return plan
-
-
-def math_prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def fuse(
@@ -92,18 +106,43 @@ def fuse(
     inputs = load_all(loras, arch=arch, prefer=ckpt.arch)
     for lora in inputs:
         ckpt.check_arch(lora.arch, lora.path)
-    merged = merge(inputs, weights, method=method, device="cpu", **merge_kwargs)
-    plan = plan_fusion(ckpt, merged)
+    inputs, streamed = _base_dependent(inputs, weights, method, merge_kwargs.get("block_weights"))
+    merged = merge(inputs, weights, method=method, device="cpu", base=ckpt, **merge_kwargs)
+    plan = plan_fusion(ckpt, merged, streamed)
     out_dtype = resolve_dtype(dtype)
     provenance = {"loramerge.fused": merged.metadata.get("loramerge.recipe", "")}
     provenance.update(metadata or {})
-    report = FuseReport(output, modules=len(merged), components=merged.components)
+    components = sorted(set(merged.components) | {m.component for m, _ in streamed},
+                        key=lambda c: (c.startswith("text_encoder"), c))
+    report = FuseReport(output, modules=len(merged) + len(streamed), components=components)
     if ckpt.kind == "single":
         _stream_file(ckpt, "", output, plan, out_dtype, provenance, report, progress)
     else:
         _stream_folder(ckpt, output, plan, out_dtype, provenance, report, progress)
     report.seconds = time.perf_counter() - start
     return report
+
+
+# methods whose result is the exact weighted sum: base-dependent modules can be streamed beside them
+_SUMS = ("cat", "linear")
+
+
+def _base_dependent(inputs: list[LoRA], weights, method: str, block_weights):
+    """Under a summing method, the modules that depend on the base weight are taken out of the
+    merge and applied from each base tensor as it streams by (w·(W' − W), w the source's weight
+    times its block weight); under any other method ``merge`` resolves them against the base."""
+    if method not in _SUMS or not any(m.needs_base for lora in inputs for m in lora):
+        return inputs, []
+    weights = [1.0] * len(inputs) if weights is None else [float(w) for w in weights]
+    specs = _per_input(block_weights, len(inputs))
+    kept, streamed = [], []
+    for lora, w, spec in zip(inputs, weights, specs):
+        blocks = parse_block_weights(spec, lora.arch) if spec is not None else None
+        streamed += [(m, w * (blocks.weight_for(m) if blocks else 1.0)) for m in lora if m.needs_base]
+        rest = LoRA([m for m in lora if not m.needs_base], lora.arch, lora.format, lora.metadata, lora.path)
+        rest.variant = lora.variant
+        kept.append(rest)
+    return kept, streamed
 
 
 def _check_output(ckpt: Checkpoint, output: Path, loras) -> None:
@@ -132,22 +171,45 @@ def _stream_file(ckpt, rel, target: Path, plan, out_dtype, metadata, report, pro
             tensor = source.read(spec.name)
             changes = plan.get((rel, spec.name))
             if changes:
-                weight = tensor.to(torch.float32)
-                for module, placement in changes:
-                    delta = placed_delta(module, placement)
-                    if placement.rows:
-                        r0, r1 = placement.rows
-                        weight[r0:r1] += delta.reshape(weight[r0:r1].shape)
-                    else:
-                        weight += delta.reshape(weight.shape)
-                tensor = weight.to(spec.dtype)  # the one cast
+                tensor = _changed(ckpt, spec, tensor, changes)
                 report.tensors_touched += 1
             else:
-                tensor = _cast(tensor, out_dtype)
+                cast = _cast(tensor, out_dtype)
+                if cast is not tensor and not all_finite(cast) and all_finite(tensor):
+                    raise _overflow(ckpt, spec)
+                tensor = cast
             writer.write(spec.name, tensor)
             report.tensors_total += 1
             if progress:
                 progress(report.tensors_total, -1, spec.name)
+
+
+def _changed(ckpt, spec, tensor: torch.Tensor, changes: list[Change]) -> torch.Tensor:
+    """base + Σ changes in float32, cast once to the output dtype; refuses integer and non-finite
+    base tensors and a result the output dtype cannot hold."""
+    if not tensor.is_floating_point():
+        raise LoraMergeError(f"base tensor {spec.name} is {str(tensor.dtype).replace('torch.', '')}, not floating "
+                             f"point; a LoRA ({changes[0].module.key}) cannot be added to it", ckpt.path)
+    base = tensor.to(torch.float32)
+    if not all_finite(base):
+        raise NonFiniteError(f"base tensor {spec.name} holds NaN or Inf values; a LoRA ({changes[0].module.key}) "
+                             "cannot be fused into it", ckpt.path)
+    weight = base.clone()
+    for change in changes:
+        rows = change.placement.rows
+        part = weight[rows[0]:rows[1]] if rows else weight
+        original = base[rows[0]:rows[1]] if rows else base
+        part += placed_delta(change, original).reshape(part.shape)
+    tensor = weight.to(spec.dtype)  # the one cast
+    if not all_finite(tensor):
+        raise _overflow(ckpt, spec)
+    return tensor
+
+
+def _overflow(ckpt, spec) -> NonFiniteError:
+    name = str(spec.dtype).replace("torch.", "")
+    return NonFiniteError(f"tensor {spec.name} is not finite after the cast to {name} (values beyond its range); "
+                          "fuse with --dtype bf16 or fp32", ckpt.path)
 
 
 def _stream_folder(ckpt: Checkpoint, output: Path, plan, out_dtype, metadata, report, progress) -> None:

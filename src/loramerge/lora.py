@@ -6,22 +6,33 @@ path in diffusers naming, the target weight's shape, and factors ``up`` (m×r) a
 
     ΔW = (alpha / r) · up @ down        (conv: reshaped to the kernel's shape)
 
+Two kinds of module mean something else:
+- vector deltas on a 1-D parameter (LyCORIS ``diff``/``w_norm`` on a LayerNorm/GroupNorm/RMSNorm
+  weight): shape ``(n,)``, factors (Δ as n×1, [[1]]), so ``delta()`` is the vector itself; they
+  merge linearly whatever the method.
+- modules whose change depends on the base weight W (DoRA, IA3, OFT, BOFT, GLoRA): ``transform``
+  maps W (float32, the target's shape) to the new weight W'; their change is ΔW = W' − W, known
+  only given a base (:meth:`LoraModule.delta_given`). A weight w applies w·(W' − W).
+Every module may carry a bias delta (``bias``: Δb, scale folded in), added to the layer's bias.
+
 Factors are loaded lazily, one module at a time, so a set of large LoRAs never sits in memory
 at once.
 """
 
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from .errors import NonFiniteError
+from .errors import NonFiniteError, UnsupportedModuleError
 
 FactorLoader = Callable[[], tuple[torch.Tensor, torch.Tensor]]
+WeightTransform = Callable[[torch.Tensor], torch.Tensor]  # W (float32) → W' (formats.transforms.Transform)
 
 
 def all_finite(t: torch.Tensor) -> bool:
@@ -46,10 +57,42 @@ class LoraModule:
     # exact factors' rank (a LoKr of dim 4 has ΔW factors of rank up to 16); None: not stated
     file_dim: int | None = None
     file_alpha: float | None = None
+    # modules whose change depends on the base weight: W (float32, ``shape``) → W' (module weight 1)
+    transform: WeightTransform | None = field(default=None, repr=False)
 
     @property
     def key(self) -> str:
         return f"{self.component}.{self.name}"
+
+    @property
+    def needs_base(self) -> bool:
+        """The change depends on the base weight (DoRA, IA3, OFT, BOFT, GLoRA)."""
+        return self.transform is not None
+
+    @property
+    def is_vector(self) -> bool:
+        """An additive delta on a 1-D parameter (a norm layer's weight)."""
+        return len(self.shape) == 1
+
+    def fits(self, shape: tuple[int, ...]) -> bool:
+        """Whether a base weight of ``shape`` is the one this module changes (a Linear and a
+        1×1 conv of the same size alike). A 0 in the module's shape is a side its file does
+        not fix (IA3/OFT on a model the key tables do not know): the base's own is taken."""
+        if 0 in self.shape:
+            return all(s == 0 or s == shape[i] for i, s in enumerate(self.shape[:2])) and len(shape) > 1
+        flat = lambda s: (s[0], math.prod(s[1:]))  # noqa: E731
+        return flat(tuple(shape)) == flat(self.shape) and (len(shape) == 1) == self.is_vector
+
+    @property
+    def label(self) -> str:
+        """What the module is, for messages: 'DoRA (LoRA)', 'IA3', 'norm-weight delta'…"""
+        return KIND_LABELS.get(self.kind, self.kind)
+
+    def base_error(self) -> UnsupportedModuleError:
+        return UnsupportedModuleError(
+            f"module {self.key} is {self.label}: its change depends on the base weight, so it has no fixed ΔW; "
+            "fuse it into a base, attach it to a pipeline, or merge with --base BASE (a base checkpoint)",
+            self.source)
 
     @property
     def scale(self) -> float:
@@ -72,7 +115,10 @@ class LoraModule:
         return n
 
     def factors(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-        """(up m×r, down r×n) as 2-D tensors, unscaled; raises on NaN/Inf."""
+        """(up m×r, down r×n) as 2-D tensors, unscaled; raises on NaN/Inf (and for modules whose
+        change depends on the base weight, which have no fixed factors)."""
+        if self.needs_base:
+            raise self.base_error()
         up, down = self.load()
         up = up.to(device=device, dtype=dtype).reshape(self.out_features, self.rank)
         down = down.to(device=device, dtype=dtype).reshape(self.rank, self.in_features)
@@ -92,8 +138,26 @@ class LoraModule:
         up, down = self.factors(dtype, device)
         return (self.scale * (up @ down)).reshape(self.shape)
 
+    def delta_given(self, base: torch.Tensor) -> torch.Tensor:
+        """ΔW (float32, the target's shape) given the base weight ``base`` in that shape:
+        W' − W for modules that depend on it, the fixed delta otherwise."""
+        if not self.needs_base:
+            return self.delta(torch.float32, base.device)
+        w = base.to(torch.float32)
+        if 0 not in self.shape:
+            w = w.reshape(self.shape)
+        new = self.transform(w)
+        if not all_finite(new):
+            raise NonFiniteError(f"module {self.key} ({self.label}) gives NaN or Inf on this base weight", self.source)
+        return new - w
+
     def bias_delta(self, dtype=torch.float32) -> torch.Tensor | None:
-        return None if self.bias is None else self.bias().to(dtype)
+        if self.bias is None:
+            return None
+        bias = self.bias().to(dtype)
+        if not all_finite(bias):
+            raise NonFiniteError(f"module {self.key} holds a NaN or Inf bias delta", self.source)
+        return bias
 
     @classmethod
     def from_factors(
@@ -124,6 +188,13 @@ class LoraModule:
             source=source,
             bias=(lambda: bias) if bias is not None else None,
         )
+
+
+KIND_LABELS = {
+    "lora+dora": "DoRA (LoRA)", "lora+tucker+dora": "DoRA (LoCon)", "loha+dora": "DoRA (LoHa)",
+    "lokr+dora": "DoRA (LoKr)", "ia3": "IA3", "oft": "OFT", "boft": "BOFT", "glora": "GLoRA",
+    "norm": "a norm-weight delta",
+}
 
 
 class LoRA:
@@ -182,6 +253,11 @@ class LoRA:
         """A copy whose factors live in memory (useful before the source file changes)."""
         mods = []
         for m in self:
+            if m.needs_base:  # the transform's tensors, read once
+                bias = m.bias_delta()
+                mods.append(replace(m, transform=m.transform.materialized(),
+                                    bias=(lambda b=bias: b) if bias is not None else None))
+                continue
             up, down = m.load()
             mods.append(LoraModule.from_factors(
                 m.component, m.name, up.clone(), down.clone(), m.shape, m.alpha, m.kind, m.dtype,

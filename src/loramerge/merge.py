@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .basemodel import resolve_against_base
 from .errors import ArchitectureMismatchError, ShapeMismatchError, UsageError
 from .io import load_all
 from .lora import LoRA, LoraModule
@@ -41,9 +42,17 @@ def merge(
     block_weights=None,
     compute_dtype: torch.dtype = torch.float32,
     dtype: torch.dtype | str | None = None,
+    base=None,
     **params,
 ) -> LoRA:
     """Merge LoRAs on ΔW: result ΔW = method({wᵢ·ΔWᵢ}) per module.
+
+    Bias deltas and norm-weight (1-D) deltas combine linearly, Σ wᵢ·Δbᵢ, whatever the method:
+    the methods shape low-rank matrices, and a vector has nothing for them to trim or
+    re-factorise. Modules whose change depends on the base weight (DoRA, IA3, OFT, BOFT,
+    GLoRA) need ``base`` (a base checkpoint: single file or diffusers folder): each becomes its
+    exact ΔW = W' − W there (:func:`loramerge.basemodel.resolve_against_base`); without it they
+    are refused.
 
     ``weights`` default to 1. Modules present in only some inputs are merged from those
     inputs alone (so they keep their own weight). ``rank``/``energy`` apply to methods that
@@ -56,6 +65,12 @@ def merge(
     inputs = load_all(loras)
     if not inputs:
         raise UsageError("nothing to merge: give at least one LoRA")
+    if base is not None:
+        inputs = resolve_against_base(inputs, base)
+    for lora in inputs:
+        for module in lora:
+            if module.needs_base:
+                raise module.base_error()
     weights = _check_weights(weights, len(inputs))
     the_method = get_method(method)
     resolved = the_method.resolve_params(params)
@@ -78,11 +93,12 @@ def merge(
         return terms, ModuleContext(key, shape, rank, energy, device, _module_seed(seed, key), dtype=compute_dtype,
                                     out_dtype=out_dtype)
 
+    vectors = {k for k in keys if next(lora[k] for lora in inputs if k in lora).is_vector}
     # learned methods fit their coefficients on the base pipeline first (threads as torch has them)
-    learned = the_method.learn(inputs, [module_terms(k) for k in keys], resolved, seed=seed, progress=progress) \
+    learned = the_method.learn(inputs, [module_terms(k) for k in keys if k not in vectors], resolved, seed=seed, progress=progress) \
         if the_method.learn is not None else None
     with linalg.single_threaded():  # same bytes whatever torch's thread count (see there)
-        modules, stats = _run(the_method, resolved, keys, module_terms, out_dtype, compute_dtype, progress, learned)
+        modules, stats = _run(the_method, resolved, keys, vectors, module_terms, out_dtype, compute_dtype, progress, learned)
 
     recipe = {
         "method": method,
@@ -100,16 +116,27 @@ def merge(
     return result
 
 
-def _run(the_method, resolved: dict, keys: list[str], module_terms, out_dtype, compute_dtype, progress, learned=None):
+def _run(the_method, resolved: dict, keys: list[str], vectors: set[str], module_terms, out_dtype, compute_dtype,
+         progress, learned=None):
     """The method over every module (after its prepare pass, or with what it learned):
-    (merged modules, their stats)."""
+    (merged modules, their stats). Vector deltas (norm weights) have no low-rank structure for a
+    method to act on: they are always summed, Σ wᵢ·δᵢ."""
     shared = learned
     if shared is None and the_method.prepare:
-        shared = the_method.prepare((module_terms(k) for k in keys), resolved)
+        shared = the_method.prepare((module_terms(k) for k in keys if k not in vectors), resolved)
     modules, stats = [], {}
     for i, key in enumerate(keys):
         terms, ctx = module_terms(key)
         shape, ctx.shared = ctx.shape, shared
+        if key in vectors:
+            up = sum(t.weight * t.module.delta(torch.float64).reshape(-1, 1) for t in terms)
+            first = terms[0].module
+            modules.append(LoraModule.from_factors(first.component, first.name, up.to(compute_dtype),
+                                                   torch.ones(1, 1, dtype=compute_dtype), shape, kind="norm",
+                                                   dtype=out_dtype, bias=_merged_bias(terms)))
+            if progress:
+                progress(i + 1, len(keys), key)
+            continue
         up, down = the_method.fn(terms, ctx, **resolved)
         if up.shape[1] == 0:  # nothing left (all tasks zero): one zero component, alpha/r stays defined
             up, down = up.new_zeros(up.shape[0], 1), down.new_zeros(1, down.shape[1])
@@ -189,7 +216,7 @@ def _check_shapes(terms: list[Term], inputs: list[LoRA]) -> tuple[int, ...]:
     ref = terms[0].module
     for t in terms[1:]:
         m = t.module
-        compatible = _flat(m.shape) == _flat(ref.shape) and (
+        compatible = m.is_vector == ref.is_vector and _flat(m.shape) == _flat(ref.shape) and (
             m.shape == ref.shape or (m.shape[2:] in ((), (1, 1)) and ref.shape[2:] in ((), (1, 1)))
         )
         if not compatible:
@@ -202,6 +229,7 @@ def _check_shapes(terms: list[Term], inputs: list[LoRA]) -> tuple[int, ...]:
 
 
 def _merged_bias(terms: list[Term]) -> torch.Tensor | None:
+    """Σ wᵢ·Δbᵢ over the inputs that carry a bias delta (linear for every method)."""
     biases = [(t.weight, t.module.bias_delta()) for t in terms if t.module.bias is not None]
     if not biases:
         return None

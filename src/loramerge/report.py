@@ -21,7 +21,10 @@ def block_of(spec: archs.Architecture, module: LoraModule) -> str:
 
 
 def delta_norm(module: LoraModule) -> float:
-    """‖ΔW‖_F from the factors."""
+    """‖ΔW‖_F from the factors (0 for modules whose change depends on the base weight: they
+    have no ΔW of their own)."""
+    if module.needs_base:
+        return 0.0
     up, down = module.factors()
     return abs(module.scale) * linalg.frobenius_norm_of_product(up, down)
 

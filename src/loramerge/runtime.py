@@ -8,7 +8,9 @@
     mix.detach()
 
 Every patch is computed from the original weight W₀ (kept on the CPU, float32 math, one cast
-to the layer's dtype), never from the previous patch, so nothing accumulates. Parameters are
+to the layer's dtype), never from the previous patch, so nothing accumulates. Bias deltas patch
+the layer's bias, norm-weight deltas the norm's weight (restored the same way); DoRA, IA3, OFT,
+BOFT and GLoRA modules are computed from W₀: w·(W' − W₀). Parameters are
 changed in place (same tensors, shapes, dtypes), so a ``torch.compile``'d module keeps its
 compiled graph. The cost: one CPU copy of every weight a LoRA touches (:meth:`memory_cost`).
 """
@@ -29,9 +31,29 @@ from .io import load_all
 
 
 @dataclass
+class _Term:
+    """One LoRA's contribution to one parameter: low-rank factors (up·scale, down), a fixed dense
+    delta (a bias or norm-weight delta), or a module computed from the original weight."""
+
+    lora: str
+    module: LoraModule
+    up: torch.Tensor | None = None
+    down: torch.Tensor | None = None
+    dense: torch.Tensor | None = None
+
+    def delta(self, original: torch.Tensor) -> torch.Tensor:
+        """Its change (float32) given the parameter's original value (float32)."""
+        if self.dense is not None:
+            return self.dense
+        if self.up is None:
+            return self.module.delta_given(original).reshape(original.shape)
+        return (self.up @ self.down).reshape(original.shape)
+
+
+@dataclass
 class _Target:
     param: torch.nn.Parameter
-    terms: list[tuple[str, LoraModule, torch.Tensor, torch.Tensor]]  # (lora name, module, up·s, down)
+    terms: list[_Term]
 
 
 def _find_module(pipe, component: str, name: str) -> torch.nn.Module | None:
@@ -88,17 +110,34 @@ class LiveMix:
 
     def _add(self, lora_name: str, lora: LoRA, module: LoraModule) -> None:
         layer = _find_module(self.pipe, module.component, module.name)
-        if layer is None or not hasattr(layer, "weight"):
+        if layer is None or not isinstance(getattr(layer, "weight", None), torch.Tensor):
             raise LoraMergeError(f"the pipeline has no module {module.key} (LoRA {lora_name!r})", lora.path)
         param = layer.weight
-        flat = lambda s: (s[0], int(torch.Size(s[1:]).numel()))  # noqa: E731
-        if flat(tuple(param.shape)) != flat(module.shape):
+        if not module.fits(tuple(param.shape)):
             raise ShapeMismatchError(
                 f"module {module.key} is {tuple(module.shape)} in LoRA {lora_name!r} but {tuple(param.shape)} "
                 "in the pipeline", lora.path)
-        up, down = module.factors(torch.float32, param.device)
-        target = self._targets.setdefault(module.key, _Target(param, []))
-        target.terms.append((lora_name, module, up * module.scale, down))
+        _check_float(param, module.key, lora.path)
+        if module.needs_base:
+            term = _Term(lora_name, module)
+        elif module.is_vector:
+            term = _Term(lora_name, module, dense=module.delta(torch.float32, param.device))
+        else:
+            up, down = module.factors(torch.float32, param.device)
+            term = _Term(lora_name, module, up * module.scale, down)
+        self._targets.setdefault(module.key, _Target(param, [])).terms.append(term)
+        if module.bias is not None:
+            bias = getattr(layer, "bias", None)
+            if not isinstance(bias, torch.Tensor):
+                raise LoraMergeError(f"module {module.key} of LoRA {lora_name!r} changes a bias, but the pipeline's "
+                                     "layer has none", lora.path)
+            _check_float(bias, module.key + ".bias", lora.path)
+            delta = module.bias_delta(torch.float32).to(bias.device)
+            if delta.numel() != bias.numel():
+                raise ShapeMismatchError(f"module {module.key} has a bias delta of {delta.numel()} values in LoRA "
+                                         f"{lora_name!r} but the layer's bias has {bias.numel()}", lora.path)
+            target = self._targets.setdefault(module.key + ".bias", _Target(bias, []))
+            target.terms.append(_Term(lora_name, module, dense=delta.reshape(bias.shape)))
 
     # ------------------------------------------------------------------ public API
 
@@ -149,9 +188,9 @@ class LiveMix:
 
     def _coefficients(self, key: str, scale: float) -> tuple[float, ...]:
         coefficients = []
-        for lora_name, module, _, _ in self._targets[key].terms:
-            block = self.block_weights[lora_name]
-            coefficients.append(scale * self.weights[lora_name] * (block.weight_for(module) if block else 1.0))
+        for term in self._targets[key].terms:
+            block = self.block_weights[term.lora]
+            coefficients.append(scale * self.weights[term.lora] * (block.weight_for(term.module) if block else 1.0))
         return tuple(coefficients)
 
     def _patch(self, scale: float) -> int:
@@ -177,15 +216,23 @@ class LiveMix:
 _BLOCK_ELEMENTS = 1 << 16  # rows × columns patched at once: the block stays in cache
 
 
-def _write_patch(param: torch.nn.Parameter, original: torch.Tensor, coefficients, terms) -> None:
-    """param ← cast(W₀ + Σ cᵢ·upᵢ@downᵢ), float32 math, a block of rows at a time.
+def _write_patch(param: torch.nn.Parameter, original: torch.Tensor, coefficients, terms: list[_Term]) -> None:
+    """param ← cast(W₀ + Σ cᵢ·ΔWᵢ), float32 math, one rounding per entry.
 
-    The LoRAs' factors are stacked so each block is one addmm over W₀ (no dense delta per
-    LoRA), and the block is cast as it is copied into the parameter: one rounding per entry.
+    Low-rank terms alone: a block of rows at a time, the LoRAs' factors stacked so each block
+    is one addmm over W₀ (no dense delta per LoRA), cast as it is copied into the parameter.
+    Dense and base-dependent terms (computed from W₀): the whole parameter at once.
     """
-    ups = [c * up for c, (_, _, up, _) in zip(coefficients, terms) if c]
-    downs = [down for c, (_, _, _, down) in zip(coefficients, terms) if c]
-    U, D = torch.cat(ups, dim=1), torch.cat(downs, dim=0)
+    active = [(c, t) for c, t in zip(coefficients, terms) if c]
+    if any(t.up is None for _, t in active):
+        base = original.to(param.device, torch.float32)
+        total = base.clone()
+        for c, t in active:
+            total += c * t.delta(base).to(param.device)
+        param.data.copy_(total)
+        return
+    U = torch.cat([c * t.up for c, t in active], dim=1)
+    D = torch.cat([t.down for _, t in active], dim=0)
     rows, cols = U.shape[0], D.shape[1]
     target = param.data.view(rows, cols)
     source = original.view(rows, cols)
@@ -193,6 +240,12 @@ def _write_patch(param: torch.nn.Parameter, original: torch.Tensor, coefficients
     for start in range(0, rows, step):
         base = source[start:start + step].to(param.device, torch.float32)
         target[start:start + step].copy_(torch.addmm(base, U[start:start + step], D))
+
+
+def _check_float(param: torch.Tensor, key: str, path) -> None:
+    if not param.is_floating_point():
+        raise LoraMergeError(f"parameter {key} is {str(param.dtype).replace('torch.', '')}, not floating point; "
+                             "a LoRA cannot be patched into it", path)
 
 
 def attach(pipe, loras: Mapping[str, LoRA | str | os.PathLike]) -> LiveMix:

@@ -158,6 +158,24 @@ class Checkpoint:
                     return Placement(rel, candidate + ".weight")
         return None
 
+    def bias_placement(self, placement: Placement) -> Placement | None:
+        """Where the bias of the layer whose weight is at ``placement`` lives (None: no bias)."""
+        stem, sep, _ = placement.key.rpartition("weight")
+        key = stem + "bias" if sep else None
+        if key is None or placement.transpose or key not in self.files[placement.file]:
+            return None
+        return Placement(placement.file, key, placement.rows, False, placement.swap_halves)
+
+    def module_weight(self, placement: Placement):
+        """A module's weight (float32) in the module's own layout: its rows of a fused tensor,
+        transposed or half-swapped back where the checkpoint stores it so."""
+        import torch
+
+        tensor = self.files[placement.file].read(placement.key).to(torch.float32)
+        if placement.rows:
+            tensor = tensor[placement.rows[0]:placement.rows[1]]
+        return to_module_layout(tensor, placement)
+
     def module_shape(self, placement: Placement) -> tuple[int, ...]:
         shape = self.files[placement.file].infos[placement.key].shape
         if placement.transpose:

@@ -9,17 +9,18 @@ projections split exactly).
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..errors import NotALoraError, ShapeMismatchError, UnsupportedModuleError
 from ..lora import LoRA, LoraModule
-from . import keymaps, lycoris
+from . import keymaps, lycoris, transforms
 from .detect import Reading, detect, named_variant
 from .placement import Match
 from .schemes import Target
@@ -46,7 +47,18 @@ _ROLE_PATTERNS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\.diff_b$"), "diff_b"),
     (re.compile(r"\.(dora_scale|lora_magnitude_vector(\.[^.]+)?(\.weight)?)$"), "dora"),
     (re.compile(r"\.(w_norm|b_norm)$"), "norm"),
+    # LyCORIS types whose change depends on the base weight (see .transforms), and T-LoRA
+    (re.compile(r"\.on_input$"), "ia3_on_input"),
+    (re.compile(r"\.oft_blocks$"), "oft_blocks"),
+    (re.compile(r"\.rescale$"), "oft_rescale"),
+    (re.compile(r"\.((a1|a2|b1|b2|bm))\.weight$"), "glora"),
+    (re.compile(r"\.(q_layer\.weight|p_layer\.weight|lambda_layer)$"), "tlora"),
+    # PEFT's own IA3/OFT/BOFT keys: named on read, not supported
+    (re.compile(r"\.(ia3_l|oft_r|oft_R|boft_R|boft_s)(\.[^.]+)?(\.weight)?$"), "peft"),
+    (re.compile(r"\.weight$"), "ia3_weight"),  # last: LyCORIS IA3's vector (only beside on_input)
 ]
+# The module types loramerge reads apart from plain LoRA, by the roles that mark them.
+_LYCORIS_KINDS = ("loha", "lokr", "full", "norm", "ia3", "oft", "glora")
 
 _PEFT_WRAPPER = "base_model.model."  # PEFT's save_pretrained prefixes every key with it
 
@@ -65,8 +77,10 @@ def split_key(key: str) -> tuple[str, str] | None:
         match = pattern.search(key)
         if match:
             prefix = key[: match.start()]
-            if role in ("loha", "lokr"):
+            if role in ("loha", "lokr", "norm", "tlora", "peft"):
                 role = match.group(1)
+            elif role == "glora":
+                role = "glora_" + match.group(1)
             return prefix, role
     return None
 
@@ -105,7 +119,7 @@ def _placed_prefix(raw: RawModule) -> str:
 
 def _format_name(raw_modules: list[RawModule], reading: Reading) -> str:
     """The format most of the file's modules are written in (LyCORIS when any module is)."""
-    if any(kind_of(raw) in ("loha", "lokr", "full") or "mid" in raw.roles for raw in raw_modules):
+    if any(kind_of(raw) in _LYCORIS_KINDS or "mid" in raw.roles for raw in raw_modules):
         return "lycoris"
     labels = collections.Counter(m.naming.label for m in reading.chosen.values())
     return labels.most_common(1)[0][0]
@@ -122,24 +136,30 @@ def _group(source: TensorSource) -> tuple[list[RawModule], list[str]]:
         prefix, role = parsed
         raw = groups.setdefault(prefix, RawModule(prefix))
         raw.roles[role] = key
+    for prefix, raw in list(groups.items()):
+        if set(raw.roles) == {"ia3_weight"}:  # a plain '.weight' (a base model's tensor), not IA3
+            unplaced.append(raw.roles["ia3_weight"])
+            del groups[prefix]
     return list(groups.values()), unplaced
 
 
 def _check_supported(raw: RawModule, source: TensorSource) -> None:
-    if "dora" in raw.roles:
+    roles = raw.roles
+    if any(r in roles for r in ("q_layer.weight", "p_layer.weight", "lambda_layer")):
         raise UnsupportedModuleError(
-            f"module {raw.prefix!r} is DoRA (magnitude vector {raw.roles['dora']!r}): its delta depends on "
-            "the base weight, so it has no fixed ΔW to merge; fuse it into a base model instead",
-            source.path,
-        )
-    if "norm" in raw.roles:
+            f"module {raw.prefix!r} is T-LoRA: its delta subtracts a truncated SVD of the base weight that the trainer "
+            "recomputes at load, and a timestep mask changes it during sampling, so it has no fixed weight-space form; "
+            "loramerge does not read it", source.path)
+    peft = [r for r in roles if r in ("ia3_l", "oft_r", "oft_R", "boft_R", "boft_s")]
+    if peft:
+        name = {"ia3_l": "IA3", "oft_r": "OFT", "oft_R": "OFT", "boft_R": "BOFT", "boft_s": "BOFT"}[peft[0]]
         raise UnsupportedModuleError(
-            f"module {raw.prefix!r} is a LyCORIS norm module (w_norm/b_norm), which has no low-rank form",
-            source.path,
-        )
+            f"module {raw.prefix!r} is PEFT {name} ({peft[0]}); loramerge reads IA3, OFT and BOFT in LyCORIS's format "
+            "only", source.path)
 
 
 def kind_of(raw: RawModule) -> str:
+    """The module type by its roles (DoRA is a magnitude beside any of the first four)."""
     roles = raw.roles
     if "up" in roles or "down" in roles:
         return "lora"
@@ -149,6 +169,14 @@ def kind_of(raw: RawModule) -> str:
         return "lokr"
     if "diff" in roles:
         return "full"
+    if "w_norm" in roles:
+        return "norm"
+    if "ia3_on_input" in roles:
+        return "ia3"
+    if "oft_blocks" in roles:
+        return "oft"
+    if any(r.startswith("glora_") for r in roles):
+        return "glora"
     return "incomplete"
 
 
@@ -182,6 +210,23 @@ def _target_shape(raw: RawModule, source: TensorSource) -> tuple[int, ...]:
         return _lokr_shape(shape)
     if kind == "full":
         return shape["diff"]
+    if kind == "norm":
+        return shape["w_norm"]
+    # base-dependent types: the side their tensors fix (0: the other, from the key tables or the base)
+    if kind == "ia3":
+        _require(raw, source, "ia3_weight")
+        n = math.prod(shape["ia3_weight"])
+        return (0, n) if _ia3_on_input(raw, source) else (n, 0)
+    if kind == "oft":
+        blocks = shape["oft_blocks"]
+        if len(blocks) not in (3, 4) or blocks[-1] != blocks[-2]:
+            raise ShapeMismatchError(f"module {raw.prefix!r}: oft_blocks of shape {tuple(blocks)} is neither OFT "
+                                     "(k, b, b) nor BOFT (m, k, b, b)", source.path)
+        return (blocks[-3] * blocks[-1], 0)
+    if kind == "glora":
+        _require(raw, source, "glora_a1", "glora_a2", "glora_b1", "glora_b2")
+        kernel = shape["glora_bm"][2:] if "glora_bm" in shape else shape["glora_b2"][2:]
+        return (shape["glora_b1"][0], shape["glora_b2"][1], *kernel)
     raise NotALoraError(f"module {raw.prefix!r} has only {', '.join(sorted(raw.roles))}", source.path)
 
 
@@ -265,8 +310,13 @@ def _build(raw: RawModule, match: Match, shape: tuple[int, ...], source: TensorS
     def has(role: str) -> bool:
         return role in raw.roles
 
-    bias_loader = (lambda: get("diff_b")) if "diff_b" in raw.roles else None
+    bias_role = next((r for r in ("diff_b", "b_norm") if r in raw.roles), None)
+    bias_loader = (lambda: get(bias_role).reshape(-1)) if bias_role else None
 
+    if kind in ("ia3", "oft", "glora"):
+        return [_base_dependent(raw, kind, component, target, shape, source, variant, alpha, dtype, bias_loader)]
+    if kind == "norm" or (kind == "full" and len(shape) == 1):
+        return [_vector(raw, component, target, shape, source, dtype, bias_loader)]
     if kind == "lora":
         rank = source.shape(raw.roles["down"])[0]
         if alpha is None:
@@ -297,9 +347,99 @@ def _build(raw: RawModule, match: Match, shape: tuple[int, ...], source: TensorS
         shape = _table_shape(variant, component, target.members[0], shape)
     module = LoraModule(component, target.members[0], tuple(shape), rank, alpha, load, module_kind, dtype, path,
                         bias_loader, file_dim, file_alpha)
+    if "dora" in raw.roles:
+        return [_dora(raw, module, target, source)]
     if not target.fused and not target.swaps(shape[0], module.in_features):
         return [module]
     return split_fused(module, target, source)
+
+
+def _unfused(raw: RawModule, target, source: TensorSource, what: str) -> str:
+    """The one canonical module a base-dependent module changes (fused projections refused)."""
+    if target.fused or target.swap_halves:
+        raise UnsupportedModuleError(
+            f"module {raw.prefix!r} is {what} on {target.name!r}, which holds {', '.join(target.members)} in one "
+            "weight: its change cannot be split between them exactly; not supported", source.path)
+    return target.members[0]
+
+
+def _dora(raw: RawModule, inner: LoraModule, target, source: TensorSource) -> LoraModule:
+    """A DoRA module: the inner module's ΔW and a magnitude m, W' = m ⊙ (W + ΔW)/‖W + ΔW‖ (rows or
+    columns, by where the magnitude lies: PEFT's is per output row, LyCORIS's shape says)."""
+    _unfused(raw, target, source, "DoRA")
+    key = raw.roles["dora"]
+    m_shape = source.shape(key)
+    shape = inner.shape
+    if "lora_magnitude_vector" in key or (m_shape and m_shape[0] == shape[0] and math.prod(m_shape) == shape[0]):
+        axis = 0
+    elif len(m_shape) >= 2 and m_shape[0] == 1 and len(shape) > 1 and math.prod(m_shape) == shape[1]:
+        axis = 1
+    else:
+        raise ShapeMismatchError(f"module {raw.prefix!r}: DoRA magnitude {key!r} has shape {tuple(m_shape)}, "
+                                 f"which fits neither the rows nor the input channels of {tuple(shape)}", source.path)
+    if math.prod(m_shape) != shape[axis]:
+        raise ShapeMismatchError(f"module {raw.prefix!r}: DoRA magnitude {key!r} has {math.prod(m_shape)} values for "
+                                 f"{shape[0]} output rows", source.path)
+    load = lambda: {"delta": inner.delta(), "magnitude": source.get(key).float().reshape(-1)}  # noqa: E731
+    return replace(inner, kind=inner.kind + "+dora",
+                   transform=transforms.Transform("dora", load, functools.partial(transforms.dora, axis=axis)))
+
+
+def _ia3_on_input(raw: RawModule, source: TensorSource) -> bool:
+    return bool(source.get(raw.roles["ia3_on_input"]).reshape(-1)[0])
+
+
+def _base_dependent(raw: RawModule, kind: str, component: str, target, shape, source: TensorSource, variant: str,
+                    alpha: float | None, dtype, bias_loader) -> LoraModule:
+    """IA3, OFT/BOFT, GLoRA: a module whose new weight is a formula of the base weight."""
+    shapes = {r: source.shape(k) for r, k in raw.roles.items()}
+    if kind == "oft" and len(shapes["oft_blocks"]) == 4:
+        kind = "boft"
+    label = {"ia3": "IA3", "oft": "OFT", "boft": "BOFT", "glora": "GLoRA"}[kind]
+    name = _unfused(raw, target, source, label)
+    if kind != "glora":  # the tensors fix one side; the key table gives the other, else the base will
+        ref = keymaps.table(variant).get(component, {}).get(name)
+        axis = 1 if kind == "ia3" and shape[0] == 0 else 0
+        if ref is not None and len(ref) > 1 and ref[axis] == max(shape):
+            shape = tuple(ref)
+    roles = raw.roles
+
+    def load() -> dict[str, torch.Tensor]:
+        tensors = {role.removeprefix("glora_").removeprefix("oft_"): source.get(key).float()
+                   for role, key in roles.items() if role not in ("alpha", "ia3_on_input", "diff_b", "b_norm")}
+        if "ia3_weight" in tensors:
+            tensors = {"scale": tensors["ia3_weight"].reshape(-1)}
+        return tensors
+
+    if kind == "ia3":
+        formula = functools.partial(transforms.ia3, axis=1 if _ia3_on_input(raw, source) else 0)
+    elif kind in ("oft", "boft"):
+        blocks = shapes["oft_blocks"]
+        if kind == "boft" and not transforms.boft_rows_ok(shape[0], blocks[0], blocks[-1]):
+            raise ShapeMismatchError(f"module {raw.prefix!r}: BOFT blocks {tuple(blocks)} do not fit {shape[0]} rows",
+                                     source.path)
+        formula = functools.partial(transforms.oft if kind == "oft" else transforms.boft,
+                                    constraint=(alpha or 0.0) * shape[0])
+    else:
+        r = shapes["glora_a2"][0]
+        formula = functools.partial(transforms.glora, scale=(alpha or r) / r)
+    rank = transforms.full_rank(shape) or max(shape)
+    file_dim = shapes["glora_a2"][0] if kind == "glora" else None
+    return LoraModule(component, name, tuple(shape), rank, float(rank), _no_factors, kind, dtype, str(source.path),
+                      bias_loader, file_dim, alpha, transform=transforms.Transform(kind, load, formula))
+
+
+def _no_factors():
+    raise AssertionError("a base-dependent module has no factors")  # LoraModule.factors refuses first
+
+
+def _vector(raw: RawModule, component: str, target, shape, source: TensorSource, dtype, bias_loader) -> LoraModule:
+    """A 1-D delta on a parameter (LyCORIS ``diff``/``w_norm`` on a norm layer's weight)."""
+    name = _unfused(raw, target, source, "a norm-weight delta")
+    role = "diff" if "diff" in raw.roles else "w_norm"
+    n = shape[0]
+    load = lambda: (source.get(raw.roles[role]).float().reshape(n, 1), torch.ones(1, 1))  # noqa: E731
+    return LoraModule(component, name, (n,), 1, 1.0, load, "norm", dtype, str(source.path), bias_loader)
 
 
 def _table_shape(variant: str, component: str, name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -316,29 +456,42 @@ def split_fused(module: LoraModule, target: Target, source: TensorSource) -> lis
     Each member keeps the rows of ``up`` that produce its outputs and the shared ``down``;
     rank components whose up-rows are all zero for a member (a block-diagonal up, as kohya
     writes fused modules) contribute nothing to it and are dropped, exactly. Swapped output
-    halves are put back in canonical order first.
+    halves are put back in canonical order first; a bias delta is split by the same rows.
     """
     up, down = module.factors()
+    bias = module.bias_delta()
     if target.swaps(up.shape[0], down.shape[1]):
         shift, scale = up.chunk(2, dim=0)
         up = torch.cat([scale, shift], dim=0)
+        if bias is not None:
+            shift, scale = bias.chunk(2, dim=0)
+            bias = torch.cat([scale, shift], dim=0)
     try:
         spans = target.rows(up.shape[0])
     except ValueError:
         raise ShapeMismatchError(
             f"module {target.name!r} has {up.shape[0]} outputs, not divisible into {target.ratios}", source.path
         ) from None
+    if bias is not None and bias.shape[0] != up.shape[0]:
+        raise ShapeMismatchError(f"module {target.name!r}: bias delta has {bias.shape[0]} values for "
+                                 f"{up.shape[0]} outputs", source.path)
     members = []
     for name, (start, end) in zip(target.members, spans):
         rows = up[start:end]
+        part_bias = None if bias is None else bias[start:end].contiguous()
+        if part_bias is not None and not bool(part_bias.any()):
+            part_bias = None
         keep = rows.abs().sum(dim=0) != 0
         if not bool(keep.any()):
-            continue
+            if part_bias is None:
+                continue
+            keep = torch.zeros_like(keep)
+            keep[0] = True  # a member with a bias delta only: one (zero) rank component
         rows, part_down = rows[:, keep], down[keep]
         member = LoraModule.from_factors(
             module.component, name, rows.contiguous(), part_down.contiguous(),
             (rows.shape[0], *module.shape[1:]), module.scale * rows.shape[1], module.kind,
-            module.dtype, module.source,
+            module.dtype, module.source, part_bias,
         )
         member.file_dim, member.file_alpha = module.file_dim, module.file_alpha
         members.append(member)

@@ -73,7 +73,10 @@ def save_lora(lora: LoRA, path, format: str | None = None, dtype=None, metadata:
     arch = archs.spec(lora.arch)
     format = resolve_format(arch, format)
     dtype = resolve_dtype(dtype) or lora.dtype
-    groups = group_modules(lora, arch, format)
+    for module in lora:
+        if module.needs_base:
+            raise module.base_error()
+    groups = group_modules(_carried(lora, arch, format), arch, format)
     alpha = file_alpha(groups) if _style(arch, format) == "kohya" else None
     tensors: dict[str, torch.Tensor] = {}
     for group in groups:
@@ -85,6 +88,19 @@ def save_lora(lora: LoRA, path, format: str | None = None, dtype=None, metadata:
 
 def _style(arch: Architecture, format: str) -> str:
     return next(iter(arch.formats[format].values())).style
+
+
+def _carried(lora: LoRA, arch: Architecture, format: str) -> LoRA:
+    """The modules ``format`` can hold: norm-weight (1-D) deltas are LyCORIS ``.diff`` keys,
+    which kohya-style files carry and PEFT-style files cannot (dropped with a warning)."""
+    vectors = [m for m in lora if m.is_vector]
+    if not vectors or _style(arch, format) == "kohya":
+        return lora
+    warnings.warn(f"{format} format cannot carry norm-weight deltas: {len(vectors)} dropped ({vectors[0].key}"
+                  f"{' …' if len(vectors) > 1 else ''}); write --format kohya to keep them", stacklevel=3)
+    kept = LoRA([m for m in lora if not m.is_vector], lora.arch, lora.format, lora.metadata, lora.path)
+    kept.variant = lora.variant
+    return kept
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,11 +119,15 @@ class Group:
     @property
     def alphas(self) -> list[float]:
         """The alphas a one-alpha file would fold exactly (plain modules: their own)."""
-        return [m.alpha for m in self.members.values()] if self.simple else []
+        return [m.alpha for m in self.members.values()] if self.simple and not self.vector else []
 
     @property
     def simple(self) -> bool:
         return not self.target.fused
+
+    @property
+    def vector(self) -> bool:
+        return self.simple and self.members[0].is_vector
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(up, down, scale) in float32 with scale·up@down the written module's ΔW."""
@@ -118,6 +138,12 @@ class Group:
         return fuse_members(self.target, self.members)
 
     def put(self, tensors: dict, dtype: torch.dtype, alpha: float | None) -> None:
+        bias = self._bias()
+        if self.vector:  # LyCORIS 'full' on a 1-D parameter: the delta itself
+            tensors[f"{self.key}.diff"] = self.members[0].delta().reshape(-1).to(dtype).contiguous()
+            if bias is not None:
+                tensors[f"{self.key}.diff_b"] = bias.to(dtype).contiguous()
+            return
         up, down, scale = self.factors()
         rank = up.shape[1]
         # fold: alpha/rank·up'·down = scale·up·down  (alpha None: PEFT style, alpha = rank)
@@ -128,7 +154,6 @@ class Group:
         if len(shape) > 2:  # conv factors as the layer stores them
             up = up.reshape(*up.shape, *([1] * (len(shape) - 2)))
             down = down.reshape(rank, *shape[1:])
-        bias = self._bias()
         if self.naming.style == "kohya":
             tensors[f"{self.key}.lora_up.weight"] = up.to(dtype).contiguous()
             tensors[f"{self.key}.lora_down.weight"] = down.to(dtype).contiguous()
@@ -152,7 +177,12 @@ class Group:
             return None
         if self.simple:
             return _swap(self.target, biases[0], self.members[0].in_features)
-        raise LoraMergeError(f"module {self.target.name}: bias deltas of fused projections cannot be written yet")
+        rows = sum_rows(self.target, self.members)  # fused: each member's rows, zeros for the rest
+        fused = torch.zeros(rows)
+        for position, (start, end) in enumerate(self.target.rows(rows)):
+            if position in biases:
+                fused[start:end] = biases[position]
+        return _swap(self.target, fused, self.members[next(iter(self.members))].in_features)
 
 
 def group_modules(lora: LoRA, arch: Architecture, format: str) -> list[Group]:
@@ -280,7 +310,7 @@ def _number(x: float) -> str:
 def build_header(lora: LoRA, arch: Architecture, format: str, alpha: float | None,
                  extra: dict[str, str] | None) -> dict[str, str]:
     header = {k: v for k, v in lora.metadata.items() if k not in _STALE_FIELDS}
-    ranks = {m.rank for m in lora}
+    ranks = {m.rank for m in lora if not m.is_vector} or {1}
     ident = arch.identity
     header.update({
         "ss_network_module": "networks.lora",
