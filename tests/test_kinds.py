@@ -193,7 +193,8 @@ def test_bias_rows_of_fused_tensors_and_written_fused_biases(tmp_path):
         mods[n] = torch.randn(3072, generator=gen)
         sd = {f"{n}.lora_A.weight": torch.randn(2, 3072, generator=gen), f"{n}.lora_B.weight": torch.randn(3072, 2, generator=gen),
               f"{n}.lora_B.bias": mods[n]}
-        save_file(sd, str(tmp_path / f"{x}.safetensors"))
+        # attention-only 3072-wide modules fit Flux.1, Chroma and Qwen-Image alike: the header decides
+        save_file(sd, str(tmp_path / f"{x}.safetensors"), metadata={"ss_base_model_version": "flux1"})
     merged = loramerge.merge([tmp_path / "q.safetensors", tmp_path / "k.safetensors"], [1.0, 0.5], device="cpu")
     loramerge.save(merged, tmp_path / "qk.safetensors", format="kohya")
     raw = load_file(str(tmp_path / "qk.safetensors"))
