@@ -15,7 +15,7 @@ from .lora import LoRA, LoraModule
 
 def block_of(spec: archs.Architecture, module: LoraModule) -> str:
     """The group ``inspect`` reports a module under: a denoiser block, or a text encoder."""
-    if module.component != spec.denoiser:
+    if module.component not in spec.denoisers:
         return module.component
     return f"{module.component}.{spec.blocks.summary_group(module.name)}"
 
@@ -42,6 +42,7 @@ def summarize(lora: LoRA, norms: bool = True) -> dict:
         "architecture": lora.arch,
         "architecture_label": spec.label,
         "variant": lora.variant,
+        "variants": list(getattr(lora, "variants", ()) if not lora.variant else ()),
         "format": lora.format,
         "dtype": str(lora.dtype).replace("torch.", ""),
         "modules": len(lora),
@@ -88,6 +89,8 @@ def format_summary(summary: dict) -> str:
         lines.append(f"file          {summary['file']}")
     lines += [
         f"architecture  {summary['architecture']} ({summary['architecture_label']})",
+        *([f"variant       {summary['variant'] or 'undetermined: ' + ', '.join(summary['variants'])}"]
+          if summary['variant'] or summary['variants'] else []),
         f"format        {summary['format']}   dtype {summary['dtype']}",
         f"modules       {summary['modules']}  ("
         + ", ".join(f"{c}: {n}" for c, n in summary["components"].items())

@@ -95,7 +95,8 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
         modules.extend(_build(raw, match, shapes[_placed_prefix(raw)], source, reading.variant, configs))
     _check_duplicates(modules, source)
     lora = LoRA(modules, reading.arch.name, _format_name(raw_modules, reading), source.metadata, source.path)
-    lora.variant = reading.variant
+    lora.variant = None if reading.also else reading.variant  # undetermined: several fit equally
+    lora.variants = (reading.variant, *reading.also)
     return lora
 
 
@@ -132,6 +133,13 @@ def _check_supported(raw: RawModule, source: TensorSource) -> None:
             "the base weight, so it has no fixed ΔW to merge; fuse it into a base model instead",
             source.path,
         )
+    if "diff" in raw.roles and len(source.shape(raw.roles["diff"])) < 2:
+        raise UnsupportedModuleError(
+            f"module {raw.prefix!r} holds a 1-D .diff: norm weight deltas are not supported yet", source.path)
+    if set(raw.roles) <= {"diff_b", "alpha"} and "diff_b" in raw.roles:
+        raise UnsupportedModuleError(
+            f"module {raw.prefix!r} holds only a bias delta (.diff_b): norm and bias-only deltas are not "
+            "supported yet", source.path)
     if "norm" in raw.roles:
         raise UnsupportedModuleError(
             f"module {raw.prefix!r} is a LyCORIS norm module (w_norm/b_norm), which has no low-rank form",

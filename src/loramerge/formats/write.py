@@ -129,13 +129,12 @@ class Group:
             tensors[f"{self.key}.lora_up.weight"] = up.to(dtype).contiguous()
             tensors[f"{self.key}.lora_down.weight"] = down.to(dtype).contiguous()
             tensors[f"{self.key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
-            if bias is not None:
-                tensors[f"{self.key}.diff_b"] = bias.to(dtype).contiguous()
         else:
             tensors[f"{self.key}.lora_A.weight"] = down.to(dtype).contiguous()
             tensors[f"{self.key}.lora_B.weight"] = up.to(dtype).contiguous()
-            if bias is not None:  # PEFT scales lora_B's bias like its weight; the scale is 1 here
-                tensors[f"{self.key}.lora_B.bias"] = bias.to(dtype).contiguous()
+        if bias is not None:  # PEFT scales lora_B's bias like its weight; the scale is 1 here
+            suffix = self.naming.bias_key or ("diff_b" if self.naming.style == "kohya" else "lora_B.bias")
+            tensors[f"{self.key}.{suffix}"] = bias.to(dtype).contiguous()
 
     def _shape(self) -> tuple[int, ...]:
         if self.simple:
@@ -290,6 +289,8 @@ def build_header(lora: LoRA, arch: Architecture, format: str, alpha: float | Non
     })
     if alpha is not None:
         header["ss_network_alpha"] = _number(alpha)
+    if lora.variant:  # the full-size variant, when the inputs determined it
+        header["loramerge.variant"] = lora.variant
     header.setdefault("modelspec.title", lora.path.stem if lora.path else "loramerge")
     if format == "diffusers":
         header["format"] = "pt"
