@@ -1,0 +1,321 @@
+"""Video architectures — Wan 2.1/2.2, HunyuanVideo, LTX-2, LTX-Video — checked against diffusers
+0.42 itself and against ΔW computed here in float64 from the files' own tensors.
+
+- Every format people download: a full-size synthetic file (real names and widths, rank 1–2)
+  read by loramerge gives the module set, and each module the ΔW, that diffusers' own converter
+  (``<Pipeline>.lora_state_dict``) gives — or, where diffusers is wrong or refuses the file, its
+  behaviour is pinned and loramerge's reading is checked against the reference computed here.
+- diffusers' loader + fuse on tiny transformers of the real classes loading loramerge's merged
+  output; per-block weights; convert round trips; fuse into folders and single files; attach;
+  extract; inspect / analyze.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+import loramerge
+import tiny_video as tv
+from loramerge.errors import AmbiguousArchitectureError, LoraMergeError, UnsupportedModuleError, UsageError
+from loramerge.formats.schemes.diffusers import DIFFUSERS
+from loramerge.formats.schemes.hunyuan import HUNYUAN, HUNYUAN_COMFY
+from loramerge.formats.schemes.ltx import LTX, LTX2_CONNECTORS
+from loramerge.formats.schemes.wan import WAN
+
+torch.set_num_threads(1)
+
+# what the trainers target: attention and feed-forward projections of every block
+WAN_BLOCKS = r"^blocks\.\d+\.(attn[12]\.(to_[qkv]|to_out\.0|add_[kv]_proj)|ffn\.net\.(0\.proj|2))$"
+WAN_14B_I2V = "wan2.1-i2v-14b-480p"
+RANKS = (1, 2)
+
+
+def per_module(values, salt: int = 0):
+    """A per-module value (rank or alpha) that differs between neighbouring modules."""
+    return lambda name: values[(sum(map(ord, name)) + salt) % len(values)]
+
+
+def converted(pipeline_cls, path) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
+    """diffusers' conversion of a file: {component prefix: {module: {lora_A/lora_B/...: tensor}}}."""
+    out: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
+    for key, value in pipeline_cls.lora_state_dict(str(path)).items():
+        component, _, rest = key.partition(".")
+        name, _, role = rest.rpartition(".lora_")
+        out.setdefault(component, {}).setdefault(name, {})[role.removesuffix(".weight")] = value
+    return out
+
+
+_PROBES: dict[int, torch.Tensor] = {}
+
+
+def probe(n: int) -> torch.Tensor:
+    if n not in _PROBES:
+        _PROBES[n] = torch.randn(n, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    return _PROBES[n]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def ours_probe(module) -> torch.Tensor:
+    up, down = module.factors(torch.float64)
+    return module.scale * (up @ (down @ probe(down.shape[1])))
+
+
+def theirs_probe(factors: dict[str, torch.Tensor]) -> torch.Tensor:
+    a, b = factors["A"].double(), factors["B"].double()
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    return b @ (a @ probe(a.shape[1]))
+
+
+def ref_probe(uv) -> torch.Tensor:
+    u, d = uv
+    return u @ (d @ probe(d.shape[1]))
+
+
+def assert_reads_as(lora, reference: dict[tuple[str, str], tuple], tol=1e-6):
+    """loramerge's modules are exactly the reference's, each with the reference ΔW."""
+    assert set(lora.modules) == {f"{c}.{n}" for c, n in reference}
+    for (component, name), uv in reference.items():
+        got = lora[f"{component}.{name}"]
+        assert rel(ours_probe(got), ref_probe(uv)) < tol, (component, name)
+
+
+def assert_diffusers_agrees(theirs: dict[str, dict], reference: dict[tuple[str, str], tuple], tol=1e-6):
+    """diffusers' converted modules are exactly the reference's, each with the reference ΔW."""
+    got = {(c, n) for c, mods in theirs.items() for n in mods}
+    assert got == set(reference)
+    for (component, name), uv in reference.items():
+        assert rel(theirs_probe(theirs[component][name]), ref_probe(uv)) < tol, (component, name)
+
+
+def reference(modules, shapes, component="transformer"):
+    return {(component, n): uv for n, uv in tv.member_factors(modules, shapes).items()}
+
+
+# ============================================================================================
+# key tables
+
+
+@pytest.mark.parametrize("variant", ["wan2.1-flf2v-14b", "wan2.2-t2v-a14b", "hunyuanvideo-i2v-33ch", "ltx2.3",
+                                     "ltx-video-0.9-2b"])
+def test_shipped_tables_match_the_real_models(variant):
+    """The key tables equal what the real full-size models (built on meta from the configs)
+    enumerate — one variant per config family."""
+    from loramerge.formats import keymaps
+
+    for component, config in keymaps.configs()[variant].items():
+        model = keymaps.build_model(config, "meta")
+        assert keymaps.table(variant)[component] == {k: tuple(v) for k, v in keymaps.module_shapes(model).items()}
+
+
+# ============================================================================================
+# Wan: every format, full size
+
+
+def wan_shapes(variant=WAN_14B_I2V, pattern=WAN_BLOCKS, blocks=None):
+    shapes = tv.table(variant, pattern=pattern)
+    if blocks is not None:
+        shapes = {n: s for n, s in shapes.items() if not n.startswith("blocks.") or int(n.split(".")[1]) in blocks}
+    return shapes
+
+
+def test_wan_comfyui_ai_toolkit_full_size_matches_diffusers(tmp_path):
+    """``diffusion_model.`` + Wan names, lora_A/lora_B (ai-toolkit, diffusion-pipe): all 40 blocks
+    of Wan 2.1 I2V-14B with the image cross-attention and the embedders and head."""
+    shapes = wan_shapes(pattern=WAN_BLOCKS[:-1] + r"|^condition_embedder\.|^proj_out$")
+    shapes.pop("condition_embedder.time_proj")  # [30720, 5120]: kept to the kohya test's memory budget
+    modules = tv.write(tmp_path / "a.safetensors", tv.file_modules(shapes, WAN, RANKS[0], None, 1),
+                       "diffusion_model.", dtype=torch.float16)
+    ref = reference(modules, shapes)
+    lora = loramerge.load(tmp_path / "a.safetensors")
+    assert (lora.arch, lora.format, lora.variant) == ("wan", "comfyui", None)
+    assert set(lora.variants) == {"wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b"}
+    assert_reads_as(lora, ref)
+    from diffusers import WanPipeline
+
+    assert_diffusers_agrees(converted(WanPipeline, tmp_path / "a.safetensors"), ref)
+
+
+def test_wan_comfyui_kohya_factors_alpha_and_bias_deltas(tmp_path):
+    """ComfyUI-world extractions (lightx2v, CausVid): lora_down/lora_up + .alpha + diff_b, with
+    ranks and alphas differing per module (blocks 0, 1, 39: a few blocks' worth of a 14B).
+    diffusers' converter consumes .alpha only inside blocks: an alpha on ``head.head`` or
+    ``time_projection.1`` makes it raise (pinned); loramerge reads it."""
+    shapes = wan_shapes(pattern=WAN_BLOCKS[:-1] + r"|^condition_embedder\.time_proj$|^proj_out$", blocks=(0, 1, 39))
+    alphas = per_module((1.0, 0.5, 3.0))
+    modules = tv.file_modules(shapes, WAN, per_module((1, 2)), lambda n: alphas(n) if n.startswith("blocks") else None, 2)
+    modules = tv.write(tmp_path / "b.safetensors", modules, "diffusion_model.", style="kohya")
+    biases = {n: torch.randn(shapes[n][0], generator=torch.Generator().manual_seed(i)) * 0.01
+              for i, n in enumerate(["blocks.0.attn1.to_q", "blocks.39.ffn.net.2", "proj_out"])}
+    extra = {f"diffusion_model.{WAN.encode(n)[0].name}.diff_b": b for n, b in biases.items()}
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
+        extra.update({k: f.get_tensor(k) for k in f.keys()})
+    save_file(extra, str(tmp_path / "b.safetensors"))
+    ref = reference(modules, shapes)
+    lora = loramerge.load(tmp_path / "b.safetensors")
+    assert lora.arch == "wan" and lora.format == "comfyui"
+    assert_reads_as(lora, ref)
+    for name, bias in biases.items():
+        assert torch.equal(lora[f"transformer.{name}"].bias_delta(), bias)
+    from diffusers import WanPipeline
+
+    theirs = converted(WanPipeline, tmp_path / "b.safetensors")
+    assert_diffusers_agrees(theirs, ref)
+    for name, bias in biases.items():
+        assert torch.equal(theirs["transformer"][name]["B.bias"], bias)
+    save_file({**extra, "diffusion_model.head.head.alpha": torch.tensor(2.0)}, str(tmp_path / "b.safetensors"))
+    with pytest.raises(ValueError, match="head.head.alpha"):
+        WanPipeline.lora_state_dict(str(tmp_path / "b.safetensors"))
+    head = modules["head.head"]
+    head_ref = {**ref, ("transformer", "proj_out"): (2.0 / head.down.shape[0] * head.up.double(), head.down.double())}
+    assert_reads_as(loramerge.load(tmp_path / "b.safetensors"), head_ref)
+
+
+def test_wan_lightx2v_head_diff_is_a_full_module(tmp_path):
+    """``head.head.diff`` (a full 2-D delta, lightx2v's distill LoRAs) reads as a full module of
+    that delta — diffusers loads it as lora_A = the delta, lora_B = identity: the same ΔW."""
+    shapes = wan_shapes("wan2.2-t2v-a14b", blocks=(0,))
+    modules = tv.write(tmp_path / "h.safetensors", tv.file_modules(shapes, WAN, 1, 1.0, 3), "diffusion_model.",
+                       style="kohya")
+    diff = torch.randn(64, 5120, generator=torch.Generator().manual_seed(3)) * 0.01
+    diff_b = torch.randn(64, generator=torch.Generator().manual_seed(4)) * 0.01
+    with safe_open(str(tmp_path / "h.safetensors"), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**sd, "diffusion_model.head.head.diff": diff, "diffusion_model.head.head.diff_b": diff_b},
+              str(tmp_path / "h.safetensors"))
+    lora = loramerge.load(tmp_path / "h.safetensors")
+    head = lora["transformer.proj_out"]
+    assert head.kind == "full" and torch.allclose(head.delta(torch.float64), diff.double(), rtol=0, atol=1e-12)
+    assert torch.equal(head.bias_delta(), diff_b)
+    from diffusers import WanPipeline
+
+    theirs = converted(WanPipeline, tmp_path / "h.safetensors")["transformer"]["proj_out"]
+    assert torch.allclose(theirs["B"].double() @ theirs["A"].double(), diff.double(), rtol=0, atol=1e-12)
+    assert_reads_as(loramerge.load(tmp_path / "h.safetensors"),
+                    {**reference(modules, shapes), ("transformer", "proj_out"): (torch.eye(64).double(), diff.double())})
+
+
+def test_wan_norm_deltas_are_refused_with_one_line(tmp_path):
+    """1-D ``.diff`` keys (norm weights; lightx2v) have no representation yet: refused, naming
+    the module. diffusers drops them with a debug log."""
+    shapes = wan_shapes(blocks=(0,))
+    tv.write(tmp_path / "n.safetensors", tv.file_modules(shapes, WAN, 1, None, 5), "diffusion_model.")
+    with safe_open(str(tmp_path / "n.safetensors"), "pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    save_file({**sd, "diffusion_model.blocks.0.norm3.diff": torch.zeros(5120)}, str(tmp_path / "n.safetensors"))
+    with pytest.raises(UnsupportedModuleError) as err:
+        loramerge.load(tmp_path / "n.safetensors")
+    assert "diffusion_model.blocks.0.norm3" in str(err.value) and "norm weight deltas are not supported yet" in str(err.value)
+    assert len(str(err.value).splitlines()) == 1
+    save_file({**sd, "diffusion_model.blocks.0.norm3.diff_b": torch.zeros(5120)}, str(tmp_path / "n.safetensors"))
+    with pytest.raises(UnsupportedModuleError, match="blocks.0.norm3"):
+        loramerge.load(tmp_path / "n.safetensors")
+
+
+def test_wan_musubi_full_size_matches_diffusers(tmp_path):
+    """musubi-tuner: ``lora_unet_`` + flattened Wan names, .alpha; every block of Wan 2.1 T2V-1.3B
+    (diffusers' musubi converter needs all ten projections of every block)."""
+    shapes = wan_shapes("wan2.1-t2v-1.3b")
+    modules = tv.write(tmp_path / "m.safetensors", tv.file_modules(shapes, WAN, per_module((1, 2)), per_module((1.0, 4.0)), 6),
+                       "lora_unet_", style="kohya", flat=True, metadata={"modelspec.architecture": "wan2.1/lora"})
+    ref = reference(modules, shapes)
+    lora = loramerge.load(tmp_path / "m.safetensors")
+    assert (lora.arch, lora.format, lora.variant) == ("wan", "kohya", "wan2.1-t2v-1.3b")
+    assert_reads_as(lora, ref)
+    from diffusers import WanPipeline
+
+    assert_diffusers_agrees(converted(WanPipeline, tmp_path / "m.safetensors"), ref)
+
+
+def test_wan_musubi_partial_and_wan_fun_files_diffusers_refuses(tmp_path):
+    """A musubi file on some blocks and projections only, and VideoX-Fun's ``lora_unet__``
+    spelling: diffusers' musubi converter raises on both (pinned); loramerge reads them as
+    diffusers reads the same tensors in ComfyUI spelling."""
+    from diffusers import WanPipeline
+
+    shapes = {n: s for n, s in wan_shapes("wan2.2-ti2v-5b", blocks=(0, 7, 29)).items() if "attn2" not in n}
+    modules = tv.file_modules(shapes, WAN, 2, 1.0, 7)
+    modules = tv.write(tmp_path / "p.safetensors", modules, "lora_unet_", style="kohya", flat=True)
+    tv.write(tmp_path / "fun.safetensors", modules, "lora_unet__", style="kohya", flat=True)
+    tv.write(tmp_path / "same.safetensors", modules, "diffusion_model.", style="kohya")
+    with pytest.raises(KeyError):
+        WanPipeline.lora_state_dict(str(tmp_path / "p.safetensors"))
+    with pytest.raises(KeyError):
+        WanPipeline.lora_state_dict(str(tmp_path / "fun.safetensors"))
+    ref = reference(modules, shapes)
+    assert_diffusers_agrees(converted(WanPipeline, tmp_path / "same.safetensors"), ref)
+    for name, label in (("p", "kohya"), ("fun", "videox-fun")):
+        lora = loramerge.load(tmp_path / f"{name}.safetensors")
+        assert (lora.arch, lora.format, lora.variant) == ("wan", label, "wan2.2-ti2v-5b")
+        assert_reads_as(lora, ref)
+
+
+def test_wan_diffsynth_bare_keys_diffusers_drops(tmp_path):
+    """DiffSynth-Studio: bare Wan names with PEFT's ``.default`` infix. diffusers passes them
+    through unprefixed and its loader then drops every key (pinned)."""
+    from diffusers import WanPipeline
+
+    shapes = wan_shapes("wan2.1-t2v-14b", blocks=(0, 39))
+    modules = tv.write(tmp_path / "d.safetensors", tv.file_modules(shapes, WAN, 1, None, 8), "", infix=".default")
+    theirs = converted(WanPipeline, tmp_path / "d.safetensors")
+    assert "transformer" not in theirs and "blocks" in theirs  # no transformer. prefix: nothing loads
+    lora = loramerge.load(tmp_path / "d.safetensors")
+    assert (lora.arch, lora.format) == ("wan", "diffsynth")
+    # blocks alone: every 14B model fits (2.1 T2V / I2V 480P, 720P / FLF2V, either 2.2 expert)
+    assert lora.variant is None and set(lora.variants) == {"wan2.1-t2v-14b", "wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p",
+                                                           "wan2.1-flf2v-14b", "wan2.2-t2v-a14b", "wan2.2-i2v-a14b"}
+    assert_reads_as(lora, reference(modules, shapes))
+
+
+def test_wan22_ai_toolkit_combined_file_holds_both_experts(tmp_path):
+    """ai-toolkit's combined Wan 2.2 A14B file (``diffusion_model.transformer_1.`` high noise,
+    ``…transformer_2.`` low noise): diffusers' converter fails on it (pinned); loramerge reads
+    the experts as components transformer and transformer_2, each as diffusers reads it alone."""
+    from diffusers import WanPipeline
+
+    shapes = wan_shapes("wan2.2-i2v-a14b", blocks=(0, 39))
+    high = tv.file_modules(shapes, WAN, 1, None, 9)
+    low = tv.file_modules(shapes, WAN, 2, None, 10)
+    tv.write(tmp_path / "hi.safetensors", high, "diffusion_model.")
+    tv.write(tmp_path / "lo.safetensors", low, "diffusion_model.")
+    with safe_open(str(tmp_path / "hi.safetensors"), "pt") as f, safe_open(str(tmp_path / "lo.safetensors"), "pt") as g:
+        combined = {k.replace("diffusion_model.", "diffusion_model.transformer_1."): f.get_tensor(k) for k in f.keys()}
+        combined.update({k.replace("diffusion_model.", "diffusion_model.transformer_2."): g.get_tensor(k) for k in g.keys()})
+    save_file(combined, str(tmp_path / "both.safetensors"))
+    with pytest.raises(ValueError):
+        WanPipeline.lora_state_dict(str(tmp_path / "both.safetensors"))
+    lora = loramerge.load(tmp_path / "both.safetensors")
+    assert lora.arch == "wan" and lora.components == ["transformer", "transformer_2"]
+    assert set(lora.variants) == {"wan2.2-t2v-a14b", "wan2.2-i2v-a14b"}  # only 2.2 has a second expert
+    ref = {**reference(high, shapes), **reference(low, shapes, "transformer_2")}
+    assert_reads_as(lora, ref)
+    assert_diffusers_agrees({"transformer": converted(WanPipeline, tmp_path / "hi.safetensors")["transformer"]},
+                            reference(high, shapes))
+    assert_diffusers_agrees({"transformer_2": converted(WanPipeline, tmp_path / "lo.safetensors")["transformer"]},
+                            reference(low, shapes, "transformer_2"))
+
+
+def test_wan_diffusers_format_and_patch_embedding(tmp_path):
+    """diffusers' own names pass through its loader unchanged; a LoRA on the Conv3d
+    ``patch_embedding`` reads exactly (diffusers' ComfyUI-format converter has no rule for it
+    and raises, pinned)."""
+    from diffusers import WanPipeline
+
+    shapes = wan_shapes("wan2.2-ti2v-5b", pattern=WAN_BLOCKS[:-1] + r"|^patch_embedding$", blocks=(0, 29))
+    modules = tv.write(tmp_path / "w.safetensors", tv.file_modules(shapes, DIFFUSERS, 2, None, 11), "transformer.")
+    ref = reference(modules, shapes)
+    lora = loramerge.load(tmp_path / "w.safetensors")
+    assert (lora.arch, lora.format, lora.variant) == ("wan", "diffusers", "wan2.2-ti2v-5b")  # in_channels 48
+    assert lora["transformer.patch_embedding"].shape == (3072, 48, 1, 2, 2)
+    assert_reads_as(lora, ref)
+    assert_diffusers_agrees(converted(WanPipeline, tmp_path / "w.safetensors"), ref)
+    tv.write(tmp_path / "c.safetensors", tv.file_modules(shapes, WAN, 2, None, 11), "diffusion_model.")
+    with pytest.raises(ValueError, match="patch_embedding"):
+        WanPipeline.lora_state_dict(str(tmp_path / "c.safetensors"))
