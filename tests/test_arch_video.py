@@ -319,3 +319,134 @@ def test_wan_diffusers_format_and_patch_embedding(tmp_path):
     tv.write(tmp_path / "c.safetensors", tv.file_modules(shapes, WAN, 2, None, 11), "diffusion_model.")
     with pytest.raises(ValueError, match="patch_embedding"):
         WanPipeline.lora_state_dict(str(tmp_path / "c.safetensors"))
+
+
+# ============================================================================================
+# HunyuanVideo: every format, full size
+
+HV_REFINER_QKV = r"token_refiner\.refiner_blocks\.\d+\.attn\.to_[qkv]$"
+
+
+def hv_shapes(variant="hunyuanvideo", pattern=None, blocks=None):
+    shapes = tv.table(variant, pattern=pattern)
+    if blocks is not None:  # keep these block indices of every block kind
+        import re
+
+        shapes = {n: s for n, s in shapes.items()
+                  if not re.search(r"blocks\.\d+\.", n) or int(re.search(r"blocks\.(\d+)\.", n).group(1)) in blocks}
+    return shapes
+
+
+def without(shapes, pattern):
+    import re
+
+    return {n: s for n, s in shapes.items() if not re.search(pattern, n)}
+
+
+def test_hunyuan_comfyui_full_size_matches_diffusers(tmp_path):
+    """``diffusion_model.`` + Tencent names, fused qkv / linear1 (ComfyUI, musubi's
+    ``convert_lora.py --target other``): every module of HunyuanVideo but the two diffusers
+    mis-converts (next test), split exactly."""
+    from diffusers import HunyuanVideoPipeline
+
+    shapes = without(hv_shapes(), HV_REFINER_QKV + r"|^norm_out\.linear$")
+    modules = tv.write(tmp_path / "c.safetensors", tv.file_modules(shapes, HUNYUAN, 1, None, 20), "diffusion_model.",
+                       dtype=torch.float16)
+    ref = reference(modules, shapes)
+    lora = loramerge.load(tmp_path / "c.safetensors")
+    assert (lora.arch, lora.format, lora.variant) == ("hunyuanvideo", "comfyui", None)
+    assert set(lora.variants) == {"hunyuanvideo", "hunyuanvideo-i2v"}  # img_in in 16 channels: not the 33ch I2V
+    assert_reads_as(lora, ref)
+    assert_diffusers_agrees(converted(HunyuanVideoPipeline, tmp_path / "c.safetensors"), ref)
+
+
+def test_hunyuan_refiner_qkv_and_final_layer_diffusers_bugs(tmp_path):
+    """diffusers 0.42 chunks the token refiner's fused ``self_attn_qkv`` down factor in three
+    along the rank (rank-1 down against a rank-3 up: unloadable) and swaps the rank halves of
+    the final ``adaLN_modulation`` down factor with the up rows (a wrong ΔW) — pinned;
+    loramerge splits the one and swaps only the up rows of the other."""
+    from diffusers import HunyuanVideoPipeline
+
+    shapes = hv_shapes(pattern=HV_REFINER_QKV + r"|^norm_out\.linear$|^transformer_blocks\.0\.attn\.to_[qkv]$")
+    modules = tv.write(tmp_path / "b.safetensors", tv.file_modules(shapes, HUNYUAN, 3, None, 21), "transformer.")
+    ref = reference(modules, shapes)
+    assert_reads_as(loramerge.load(tmp_path / "b.safetensors", arch="hunyuanvideo"), ref)
+    theirs = converted(HunyuanVideoPipeline, tmp_path / "b.safetensors")["transformer"]
+    refiner_q = theirs["context_embedder.token_refiner.refiner_blocks.0.attn.to_q"]
+    assert refiner_q["A"].shape[0] == 1 and refiner_q["B"].shape[1] == 3  # ranks disagree
+    assert rel(theirs_probe(theirs["norm_out.linear"]), ref_probe(ref[("transformer", "norm_out.linear")])) > 0.1
+    assert rel(theirs_probe(theirs["transformer_blocks.0.attn.to_q"]),
+               ref_probe(ref[("transformer", "transformer_blocks.0.attn.to_q")])) < 1e-6
+
+
+def test_hunyuan_musubi_diffusion_pipe_comfy_spellings(tmp_path):
+    """musubi's kohya file (``lora_unet_double_blocks_0_img_attn_qkv`` + .alpha; diffusers sends
+    it to its Tencent converter, which splits the .alpha like a qkv factor and raises — pinned), diffusion-pipe's ``transformer.`` +
+    Tencent names (diffusers converts it), ComfyUI's own embedder spelling (``time_in.in_layer``,
+    which diffusers leaves unconverted — pinned): all read as the same modules."""
+    from diffusers import HunyuanVideoPipeline
+
+    blocks = without(hv_shapes(pattern=r"^(single_)?transformer_blocks\.", blocks=(0, 19, 39)), r"norm1?(_context)?\.linear$")
+    modules = tv.file_modules(blocks, HUNYUAN, per_module((1, 2)), per_module((1.0, 2.0)), 22)
+    musubi = tv.write(tmp_path / "m.safetensors", modules, "lora_unet_", style="kohya", flat=True)
+    pipe = tv.write(tmp_path / "p.safetensors", musubi, "transformer.")  # the same ΔW, alpha folded
+    ref = reference(musubi, blocks)
+    with pytest.raises(RuntimeError, match="chunk"):  # it chunks the 0-d .alpha as a qkv up factor
+        HunyuanVideoPipeline.lora_state_dict(str(tmp_path / "m.safetensors"))
+    for name, label in (("m", "kohya"), ("p", "diffusion-pipe")):
+        lora = loramerge.load(tmp_path / f"{name}.safetensors")
+        assert (lora.arch, lora.format) == ("hunyuanvideo", label)
+        assert_reads_as(lora, ref)
+    assert_diffusers_agrees(converted(HunyuanVideoPipeline, tmp_path / "p.safetensors"), reference(pipe, blocks))
+
+    embedders = hv_shapes(pattern=r"time_text_embed\.(timestep|guidance)_embedder|^transformer_blocks\.0\.attn\.to_[qkv]$")
+    comfy = tv.write(tmp_path / "e.safetensors", tv.file_modules(embedders, HUNYUAN_COMFY, 1, None, 23), "diffusion_model.")
+    assert "time_in.in_layer" in comfy and "double_blocks.0.img_attn_qkv" in comfy
+    lora = loramerge.load(tmp_path / "e.safetensors")
+    assert lora.arch == "hunyuanvideo"
+    assert_reads_as(lora, reference(comfy, embedders))
+    theirs = converted(HunyuanVideoPipeline, tmp_path / "e.safetensors")["transformer"]
+    assert "time_in.in_layer" in theirs and "time_text_embed.timestep_embedder.linear_1" not in theirs
+
+
+def test_hunyuan_diffusers_format_and_33ch_variant(tmp_path):
+    """diffusers names pass through diffusers unchanged; the ``x_embedder`` Conv3d of the
+    33-channel I2V model determines that variant."""
+    from diffusers import HunyuanVideoPipeline
+
+    shapes = hv_shapes("hunyuanvideo-i2v-33ch", pattern=r"^x_embedder|^(single_)?transformer_blocks\.\d+\.attn\.to_q$",
+                       blocks=(0, 39))
+    modules = tv.write(tmp_path / "d.safetensors", tv.file_modules(shapes, DIFFUSERS, 2, None, 24), "transformer.")
+    ref = reference(modules, shapes)
+    lora = loramerge.load(tmp_path / "d.safetensors")
+    assert (lora.arch, lora.format, lora.variant) == ("hunyuanvideo", "diffusers", "hunyuanvideo-i2v-33ch")
+    assert_reads_as(lora, ref)
+    assert_diffusers_agrees(converted(HunyuanVideoPipeline, tmp_path / "d.safetensors"), ref)
+
+
+def test_flux_and_hunyuan_share_names_detection(tmp_path):
+    """Flux and HunyuanVideo spell double-block qkv the same in kohya files and share diffusers
+    block names at the same width. A file of such modules only is ambiguous (candidates and the
+    headers that decide are named) unless its header says; a file reaching Flux's last blocks
+    is Flux, one reaching HunyuanVideo's is HunyuanVideo."""
+    from loramerge.formats.schemes.bfl import BFL
+
+    qkv = {"transformer_blocks.3.attn.to_q": (3072, 3072), "transformer_blocks.3.attn.to_k": (3072, 3072),
+           "transformer_blocks.3.attn.to_v": (3072, 3072)}
+    tv.write(tmp_path / "q.safetensors", tv.file_modules(qkv, HUNYUAN, 1, 1.0, 25), "lora_unet_", style="kohya", flat=True)
+    with pytest.raises(AmbiguousArchitectureError) as err:
+        loramerge.load(tmp_path / "q.safetensors")
+    assert set(err.value.candidates) == {"flux", "hunyuanvideo"} and "hunyuan-video" in str(err.value)
+    tv.write(tmp_path / "q.safetensors", tv.file_modules(qkv, HUNYUAN, 1, 1.0, 25), "lora_unet_", style="kohya", flat=True,
+             metadata={"modelspec.architecture": "hunyuan-video/lora"})
+    assert loramerge.load(tmp_path / "q.safetensors").arch == "hunyuanvideo"
+
+    flux = tv.table("flux", pattern=r"^(single_)?transformer_blocks\.\d+\.attn\.to_q$")
+    tv.write(tmp_path / "f.safetensors", tv.file_modules(flux, DIFFUSERS, 1, None, 26), "transformer.")
+    assert loramerge.load(tmp_path / "f.safetensors").arch == "flux"  # reaches double 18 / single 37
+    hv = tv.table("hunyuanvideo", pattern=r"^(single_)?transformer_blocks\.\d+\.attn\.to_q$")
+    tv.write(tmp_path / "h.safetensors", tv.file_modules(hv, DIFFUSERS, 1, None, 26), "transformer.")
+    assert loramerge.load(tmp_path / "h.safetensors").arch == "hunyuanvideo"
+    fused = tv.table("flux", pattern=r"^(single_)?transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp)$")
+    tv.write(tmp_path / "b.safetensors", tv.file_modules(fused, BFL, 1, 1.0, 27), "lora_unet_", style="kohya", flat=True)
+    assert loramerge.load(tmp_path / "b.safetensors").arch == "flux"
