@@ -450,3 +450,114 @@ def test_flux_and_hunyuan_share_names_detection(tmp_path):
     fused = tv.table("flux", pattern=r"^(single_)?transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp)$")
     tv.write(tmp_path / "b.safetensors", tv.file_modules(fused, BFL, 1, 1.0, 27), "lora_unet_", style="kohya", flat=True)
     assert loramerge.load(tmp_path / "b.safetensors").arch == "flux"
+
+
+# ============================================================================================
+# LTX-2 and LTX-Video: every format, full size
+
+LTX_ATTN = r"^transformer_blocks\.\d+\.(audio_)?attn[12]\.(to_[qkv]|to_out\.0)$"
+
+
+def ltx_shapes(variant, pattern=None, blocks=None, component="transformer"):
+    shapes = tv.table(variant, component, pattern=pattern)
+    if blocks is not None:
+        shapes = {n: s for n, s in shapes.items() if "blocks." not in n or int(n.split("blocks.")[1].split(".")[0]) in blocks}
+    return shapes
+
+
+def test_ltx2_comfyui_full_size_matches_diffusers(tmp_path):
+    """``diffusion_model.`` + Lightricks names (LTX trainer, ai-toolkit, diffusion-pipe) on every
+    LTX-2.3 transformer module, and ``text_embedding_projection.`` for the connectors' input
+    projections: diffusers renames both exactly as loramerge reads them."""
+    from diffusers import LTX2Pipeline
+
+    shapes = ltx_shapes("ltx2.3")
+    projections = ltx_shapes("ltx2.3", pattern=r"text_proj_in$", component="connectors")
+    modules = tv.write(tmp_path / "t.safetensors", tv.file_modules(shapes, LTX, 1, None, 30), "diffusion_model.",
+                       dtype=torch.bfloat16)
+    proj = tv.file_modules(projections, LTX2_CONNECTORS, 1, None, 31)
+    proj = tv.write(tmp_path / "p.safetensors", proj, "", dtype=torch.bfloat16)
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f, safe_open(str(tmp_path / "p.safetensors"), "pt") as g:
+        save_file({**{k: f.get_tensor(k) for k in f.keys()}, **{k: g.get_tensor(k) for k in g.keys()}},
+                  str(tmp_path / "l.safetensors"))
+    assert "patchify_proj" in modules and "adaln_single.linear" in modules and "prompt_adaln_single.linear" in modules
+    ref = {**reference(modules, shapes), **reference(proj, projections, "connectors")}
+    alone = loramerge.load(tmp_path / "t.safetensors")
+    assert (alone.arch, alone.format, alone.variant) == ("ltx2", "comfyui", None)
+    assert set(alone.variants) == {"ltx2.3", "ltx2.5"}  # gates and prompt_adaln: 2.3 or 2.5
+    lora = loramerge.load(tmp_path / "l.safetensors")
+    assert lora.variant == "ltx2.3"  # per-modality text projections (2.5's connectors have no fixed table)
+    assert_reads_as(lora, ref)
+    assert_diffusers_agrees(converted(LTX2Pipeline, tmp_path / "l.safetensors"), ref)
+
+
+def test_ltx2_connector_blocks_kohya_and_diffusers_names(tmp_path):
+    """The connectors' 1-D transformer blocks as original checkpoints name them
+    (``diffusion_model.video_embeddings_connector.transformer_1d_blocks.N``): diffusers routes
+    them to the transformer, where no such module exists (pinned); loramerge to the connectors.
+    kohya ``lora_unet_`` files are not converted by diffusers (pinned); diffusers names pass."""
+    from diffusers import LTX2Pipeline
+
+    attn = ltx_shapes("ltx2", pattern=LTX_ATTN, blocks=(0, 47))
+    blocks = ltx_shapes("ltx2", pattern=r"connector\.transformer_blocks\.1\.", component="connectors")
+    conn = tv.write(tmp_path / "c.safetensors", tv.file_modules(blocks, LTX2_CONNECTORS, 2, 4.0, 32), "")
+    assert all(k.startswith("diffusion_model.video_embeddings_connector.transformer_1d_blocks.1.")
+               or k.startswith("diffusion_model.audio_embeddings_connector.") for k in conn)
+    theirs = converted(LTX2Pipeline, tmp_path / "c.safetensors")
+    assert set(theirs) == {"transformer"}
+    assert all(n.startswith(("video_embeddings_connector.", "audio_embeddings_connector.")) for n in theirs["transformer"])
+    lora = loramerge.load(tmp_path / "c.safetensors")
+    assert lora.arch == "ltx2" and lora.components == ["connectors"] and lora.variant == "ltx2"  # 30 heads × 128: 2.0's connectors
+    assert_reads_as(lora, reference(conn, blocks, "connectors"))
+
+    kohya = tv.write(tmp_path / "k.safetensors", tv.file_modules(attn, LTX, per_module((1, 2)), per_module((1.0, 8.0)), 33),
+                     "lora_unet_", style="kohya", flat=True)
+    assert not any(k.startswith("transformer.") for k in LTX2Pipeline.lora_state_dict(str(tmp_path / "k.safetensors")))
+    lora = loramerge.load(tmp_path / "k.safetensors")
+    assert (lora.arch, lora.format, lora.variant) == ("ltx2", "kohya", None)  # 2.0 / 2.3 / 2.5: same attention
+    assert set(lora.variants) == {"ltx2", "ltx2.3", "ltx2.5"}
+    assert_reads_as(lora, reference(kohya, attn))
+
+    modules = tv.write(tmp_path / "d.safetensors", tv.file_modules(attn, DIFFUSERS, 1, None, 34), "transformer.")
+    cmods = tv.file_modules(blocks, DIFFUSERS, 1, None, 35)
+    cmods = tv.write(tmp_path / "dc.safetensors", cmods, "connectors.")
+    with safe_open(str(tmp_path / "d.safetensors"), "pt") as f, safe_open(str(tmp_path / "dc.safetensors"), "pt") as g:
+        save_file({**{k: f.get_tensor(k) for k in f.keys()}, **{k: g.get_tensor(k) for k in g.keys()}},
+                  str(tmp_path / "d.safetensors"))
+    ref = {**reference(modules, attn), **reference(cmods, blocks, "connectors")}
+    lora = loramerge.load(tmp_path / "d.safetensors")
+    assert (lora.arch, lora.format) == ("ltx2", "diffusers")
+    assert_reads_as(lora, ref)
+    assert_diffusers_agrees(converted(LTX2Pipeline, tmp_path / "d.safetensors"), ref)
+
+
+def test_ltx_video_comfyui_diffusers_does_not_rename(tmp_path):
+    """LTX-Video 0.9: diffusers only swaps ``diffusion_model.`` for ``transformer.``, so LoRAs
+    on ``patchify_proj`` / ``adaln_single`` keep names no module has (pinned); blocks agree."""
+    from diffusers import LTXPipeline
+
+    shapes = ltx_shapes("ltx-video-0.9-2b", blocks=(0, 27))
+    modules = tv.write(tmp_path / "v.safetensors", tv.file_modules(shapes, LTX, 2, None, 36), "diffusion_model.")
+    ref = reference(modules, shapes)
+    lora = loramerge.load(tmp_path / "v.safetensors")
+    assert (lora.arch, lora.format, lora.variant) == ("ltx-video", "comfyui", "ltx-video-0.9-2b")
+    assert_reads_as(lora, ref)
+    theirs = converted(LTXPipeline, tmp_path / "v.safetensors")["transformer"]
+    assert "patchify_proj" in theirs and "proj_in" not in theirs and "adaln_single.linear" in theirs
+    blocks = {k: v for k, v in ref.items() if k[1].startswith("transformer_blocks.")}
+    assert_diffusers_agrees({"transformer": {n: theirs[n] for _, n in blocks}}, blocks)
+
+
+def test_ltx2_video_only_lora_is_ambiguous_with_ltx_video_13b(tmp_path):
+    """A LoRA on LTX-2's video attention alone has LTX-Video 0.9.7 13B's names and shapes: the
+    architecture is ambiguous (both named, with the headers that decide) unless the header says."""
+    shapes = ltx_shapes("ltx2", pattern=r"^transformer_blocks\.\d+\.attn[12]\.to_[qkv]$", blocks=(0, 47))
+    modules = tv.file_modules(shapes, LTX, 1, None, 37)
+    tv.write(tmp_path / "a.safetensors", modules, "diffusion_model.")
+    with pytest.raises(AmbiguousArchitectureError) as err:
+        loramerge.load(tmp_path / "a.safetensors")
+    assert set(err.value.candidates) == {"ltx2", "ltx-video"}
+    assert "ltx-2" in str(err.value) and "ltx-video" in str(err.value) and len(str(err.value).splitlines()) == 1
+    for header, arch in (("ltx-2/lora", "ltx2"), ("ltx-video/lora", "ltx-video")):
+        tv.write(tmp_path / "a.safetensors", modules, "diffusion_model.", metadata={"modelspec.architecture": header})
+        assert loramerge.load(tmp_path / "a.safetensors").arch == arch
