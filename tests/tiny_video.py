@@ -27,12 +27,14 @@ def wan_transformer(image: bool = False, layers: int = 2):
 
 
 def hunyuan_transformer():
+    """Patches 1×2×2 as the real model has (PEFT cannot fuse a 1×1×1 Conv3d LoRA: it takes it
+    for a 1×1 Conv2d)."""
     from diffusers import HunyuanVideoTransformer3DModel
 
     torch.manual_seed(0)
     return HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16,
                                           num_layers=2, num_single_layers=2, num_refiner_layers=1, mlp_ratio=4.0,
-                                          patch_size=1, patch_size_t=1, text_embed_dim=24, pooled_projection_dim=16,
+                                          patch_size=2, patch_size_t=1, text_embed_dim=24, pooled_projection_dim=16,
                                           rope_axes_dim=(4, 6, 6))
 
 
@@ -218,3 +220,22 @@ def original_state(model, scheme: Scheme, prefix: str = "") -> dict[str, torch.T
     for key, parts in fused.items():
         out[prefix + key] = torch.cat([parts[p] for p in sorted(parts)])
     return out
+
+
+def combine(path, *parts) -> None:
+    """One safetensors file holding the tensors of several (the parts are removed)."""
+    from safetensors import safe_open
+
+    tensors, metadata = {}, {}
+    for part in parts:
+        with safe_open(str(part), "pt") as f:
+            tensors.update({k: f.get_tensor(k) for k in f.keys()})
+            metadata.update(f.metadata() or {})
+        part.unlink()
+    save_file(tensors, str(path), metadata=metadata or None)
+
+
+def weight_of(model, name: str) -> torch.nn.Module:
+    """The Linear/Conv a name refers to, below any PEFT wrapper."""
+    module = model.get_submodule(name)
+    return getattr(module, "base_layer", module)

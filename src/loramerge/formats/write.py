@@ -254,11 +254,12 @@ def adapter_metadata(lora: LoRA) -> dict:
     for component in lora.components:
         mods = [m for m in lora if m.component == component]
         r = collections.Counter(m.rank for m in mods).most_common(1)[0][0]
+        pattern = _rank_pattern({_peft_target(m.name): m.rank for m in mods}, r)
         config = {
             "r": r,
             "lora_alpha": r,
-            "rank_pattern": {_peft_target(m.name): m.rank for m in mods if m.rank != r},
-            "alpha_pattern": {_peft_target(m.name): m.rank for m in mods if m.rank != r},
+            "rank_pattern": pattern,
+            "alpha_pattern": dict(pattern),
             "target_modules": sorted(_peft_target(m.name) for m in mods),
             "use_dora": False,
             "use_rslora": False,
@@ -266,6 +267,16 @@ def adapter_metadata(lora: LoRA) -> dict:
         }
         flat.update({f"{component}.{k}": v for k, v in config.items()})
     return flat
+
+
+def _rank_pattern(ranks: dict[str, int], r: int) -> dict[str, int]:
+    """PEFT's rank_pattern for modules whose rank is not ``r``. PEFT takes a pattern key as a
+    dotted suffix and uses the first key that matches, so a top-level ``proj_out`` key would
+    also claim ``single_transformer_blocks.0.proj_out``: every module such a key reaches gets
+    its own entry, and longer (more specific) keys come first."""
+    pattern = {name: rank for name, rank in ranks.items() if rank != r}
+    pattern.update({name: rank for name, rank in ranks.items() if any(name.endswith("." + k) for k in pattern)})
+    return {name: pattern[name] for name in sorted(pattern, key=lambda n: (-len(n), n))}
 
 
 def _number(x: float) -> str:
@@ -294,7 +305,8 @@ def build_header(lora: LoRA, arch: Architecture, format: str, alpha: float | Non
     header.setdefault("modelspec.title", lora.path.stem if lora.path else "loramerge")
     if format == "diffusers":
         header["format"] = "pt"
-        header["lora_adapter_metadata"] = json.dumps(adapter_metadata(lora), indent=2, sort_keys=True)
+        # nested pattern dicts keep their order (PEFT uses the first key that matches)
+        header["lora_adapter_metadata"] = json.dumps(dict(sorted(adapter_metadata(lora).items())), indent=2)
     for key, value in (extra or {}).items():
         if value is None:
             header.pop(key, None)
