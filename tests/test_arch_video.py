@@ -731,3 +731,277 @@ def test_diffusers_loads_and_fuses_an_svd_merge(tmp_path, arch):
     load_and_fuse(pipe, tmp_path / "m.safetensors", list(spec["a"]))
     expected = {k: truncated(d, 2) for k, d in expected_linear(refs).items()}
     assert_fused(pipe, {k: (w, None) for k, (w, _) in base.items()}, expected, tol=1e-4)
+
+
+def test_wan22_experts_load_into_transformer_and_transformer_2(tmp_path):
+    """Wan 2.2 A14B: a combined ai-toolkit file (both experts, fp16) merged with a high-noise
+    musubi file. The diffusers-format result loads into ``transformer`` through
+    ``load_lora_weights`` and into ``transformer_2`` through its ``load_lora_adapter(prefix=
+    "transformer_2")``; both fuse to base + Σ wᵢ ΔWᵢ. The kohya format (one expert per file)
+    refuses the low-noise part in one line; the ComfyUI-style file keeps it under
+    ``diffusion_model.transformer_2.``, which diffusers' converter refuses (pinned)."""
+    from diffusers import WanPipeline
+
+    pipe = tv.pipeline("wan", tv.wan_transformer(seed=0), tv.wan_transformer(seed=1))
+    shapes = {n: s for n, s in tv.shapes_of(pipe.transformer).items() if n != "patch_embedding"}
+    high = tv.write(tmp_path / "hi.safetensors", tv.file_modules(shapes, WAN, per_module((2, 3)), None, 50), "diffusion_model.",
+                    dtype=torch.float16)
+    low = tv.write(tmp_path / "lo.safetensors", tv.file_modules(shapes, WAN, 2, None, 51), "diffusion_model.",
+                   dtype=torch.float16)
+    with safe_open(str(tmp_path / "hi.safetensors"), "pt") as f, safe_open(str(tmp_path / "lo.safetensors"), "pt") as g:
+        combined = {k.replace("diffusion_model.", "diffusion_model.transformer_1."): f.get_tensor(k) for k in f.keys()}
+        combined.update({k.replace("diffusion_model.", "diffusion_model.transformer_2."): g.get_tensor(k) for k in g.keys()})
+    save_file(combined, str(tmp_path / "both.safetensors"))
+    blocks = {n: s for n, s in shapes.items() if n.startswith("blocks.")}
+    musubi = tv.write(tmp_path / "m.safetensors", tv.file_modules(blocks, WAN, 1, 4.0, 52), "lora_unet_", style="kohya",
+                      flat=True)
+    refs = [{**{("transformer", n): d for n, d in tv.deltas(high, shapes).items()},
+             **{("transformer_2", n): d for n, d in tv.deltas(low, shapes).items()}},
+            {("transformer", n): d for n, d in tv.deltas(musubi, blocks).items()}]
+    merged = loramerge.merge([tmp_path / "both.safetensors", tmp_path / "m.safetensors"], weights=WEIGHTS)
+    assert merged.components == ["transformer", "transformer_2"]
+    loramerge.save(merged, tmp_path / "d.safetensors", format="diffusers")
+    base = snapshot(pipe, ["transformer", "transformer_2"])
+    pipe.load_lora_weights(str(tmp_path / "d.safetensors"), adapter_name="m")
+    pipe.transformer_2.load_lora_adapter(str(tmp_path / "d.safetensors"), prefix="transformer_2", adapter_name="m")
+    pipe.fuse_lora(components=["transformer", "transformer_2"], lora_scale=1.0, adapter_names=["m"])
+    assert_fused(pipe, {k: (w, None) for k, (w, _) in base.items()}, expected_linear(refs))
+
+    with pytest.raises(LoraMergeError, match="transformer_2") as err:
+        loramerge.save(merged, tmp_path / "k.safetensors", format="kohya")
+    assert len(str(err.value).splitlines()) == 1
+    loramerge.save(merged, tmp_path / "c.safetensors")
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        assert any(k.startswith("diffusion_model.transformer_2.blocks.") for k in f.keys())
+        assert any(k.startswith("diffusion_model.blocks.") for k in f.keys())
+    back = loramerge.load(tmp_path / "c.safetensors")
+    assert set(back.modules) == set(merged.modules)
+    with pytest.raises(ValueError):
+        WanPipeline.lora_state_dict(str(tmp_path / "c.safetensors"))
+
+
+# ============================================================================================
+# per-block weights, convert, fuse, attach, extract, inspect / analyze (tiny models)
+
+
+@pytest.mark.parametrize("arch, spec, bad", [
+    ("wan", {"transformer": {"block": {"1": 0.5}}}, {"transformer": {"block": {"40": 1}}}),
+    ("hunyuanvideo", {"transformer": {"double": {"0": 0.0}, "single": [1, 0.25], "refiner": 2.0}},
+     {"transformer": {"single": {"38-40": 1}}}),
+    ("ltx2", {"transformer": {"block": {"0-1": 0.5}}, "connectors": 0.0}, {"transformer": {"block": [1] * 49}}),
+    ("ltx-video", {"transformer": {"block": {"1": -1.0}}}, {"transformer": {"double": 1}}),
+])
+def test_block_weights_name_real_blocks(tmp_path, arch, spec, bad):
+    """Block weights address the denoiser's real blocks by kind (Wan ``block``, HunyuanVideo
+    ``double``/``single``/``refiner``, LTX ``block``) and refuse indices past the full-size model."""
+    from loramerge.blocks import block_id, parse_block_weights
+
+    pipe = TINY[arch]["pipe"]()
+    paths, refs, _ = tiny_inputs(tmp_path, arch, pipe)
+    lora = loramerge.load(paths[0])
+    weights = parse_block_weights(spec, arch)
+    merged = loramerge.merge([lora], block_weights=spec)
+    factors = {key: weights.weight_for(lora[key]) for key in lora.modules}
+    assert set(factors.values()) - {1.0}  # the spec reached some modules
+    for key, module in merged.modules.items():
+        want = factors[key] * lora[key].delta(torch.float64)
+        assert torch.allclose(module.delta(torch.float64), want, rtol=0, atol=1e-5), key
+    ids = {block_id(arch, m) for m in lora}
+    assert {"wan": "block.1", "hunyuanvideo": "refiner.0", "ltx2": "block.0", "ltx-video": "block.1"}[arch] in ids
+    with pytest.raises(UsageError) as err:
+        parse_block_weights(bad, arch)
+    assert len(str(err.value).splitlines()) == 1
+
+
+def test_block_weights_of_the_second_wan22_expert(tmp_path):
+    """Wan 2.2's ``transformer_2`` has its own block ids: weights given for it leave the
+    high-noise expert alone."""
+    from loramerge.blocks import parse_block_weights
+
+    shapes = {n: s for n, s in tv.shapes_of(tv.wan_transformer()).items() if n.startswith("blocks.")}
+    for name, prefix in (("hi", "diffusion_model.transformer_1."), ("lo", "diffusion_model.transformer_2.")):
+        tv.write(tmp_path / f"{name}.safetensors", tv.file_modules(shapes, WAN, 2, None, 60), prefix,
+                 metadata={"modelspec.architecture": "wan2.2/lora"})
+    tv.combine(tmp_path / "both.safetensors", tmp_path / "hi.safetensors", tmp_path / "lo.safetensors")
+    lora = loramerge.load(tmp_path / "both.safetensors")
+    weights = parse_block_weights({"transformer_2": {"block": {"1": 0.0}}}, "wan")
+    for module in lora:
+        expected = 0.0 if module.component == "transformer_2" and module.name.startswith("blocks.1.") else 1.0
+        assert weights.weight_for(module) == expected, module.key
+
+
+@pytest.mark.parametrize("arch", list(TINY))
+def test_convert_round_trips_between_every_written_format(tmp_path, arch):
+    """Every ordered pair of the formats the architecture writes: ΔW (and bias deltas) unchanged,
+    the same modules, the architecture detected again from each file."""
+    from loramerge.formats import archs
+
+    pipe = TINY[arch]["pipe"]()
+    paths, _, _ = tiny_inputs(tmp_path, arch, pipe)
+    source = loramerge.load(paths[0])
+    formats = list(archs.spec(arch).formats)
+    assert "comfyui" in formats and archs.spec(arch).default_format == "comfyui"
+    for first in formats:
+        for second in formats:
+            components = set(archs.spec(arch).formats[first]) & set(archs.spec(arch).formats[second])
+            lora = loramerge.LoRA([m for m in source if m.component in components], arch)
+            loramerge.save(lora, tmp_path / "1.safetensors", format=first)
+            one = loramerge.load(tmp_path / "1.safetensors")
+            assert one.arch == arch and one.format == ("comfyui" if first == "comfyui" else first)
+            loramerge.save(one, tmp_path / "2.safetensors", format=second)
+            two = loramerge.load(tmp_path / "2.safetensors")
+            assert two.arch == arch and set(two.modules) == set(lora.modules), (first, second)
+            for key, module in lora.modules.items():
+                assert rel(two[key].delta(torch.float64), module.delta(torch.float64)) < 1e-6, (first, second, key)
+                if module.bias is not None:
+                    assert torch.allclose(two[key].bias_delta(), module.bias_delta(), rtol=0, atol=1e-6)
+
+
+SINGLE = {  # prefix, scheme and diffusers' single-file converter of each architecture
+    "wan": ("model.diffusion_model.", WAN, "convert_wan_transformer_to_diffusers"),
+    "hunyuanvideo": ("", HUNYUAN, "convert_hunyuan_video_transformer_to_diffusers"),
+    "ltx2": ("model.diffusion_model.", LTX, "convert_ltx2_transformer_to_diffusers"),
+    "ltx-video": ("model.diffusion_model.", LTX, "convert_ltx_transformer_checkpoint_to_diffusers"),
+}
+
+
+def single_file(arch, model) -> dict[str, torch.Tensor]:
+    """The transformer as a ComfyUI-style single file, checked against diffusers' converter
+    (HunyuanVideo's ``linear1`` aside: diffusers splits it at the full-size 3072)."""
+    from diffusers.loaders import single_file_utils
+
+    prefix, scheme, converter = SINGLE[arch]
+    sd = tv.original_state(model, scheme, prefix)
+    back = getattr(single_file_utils, converter)({k: v for k, v in sd.items() if ".linear1." not in k})
+    state = model.state_dict()
+    params = {f"{n}.{p}" for n, m in tv.linears(model).items() for p in ("weight", "bias") if getattr(m, p) is not None}
+    linear1 = r"^single_transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp)\."
+    import re
+
+    assert set(back) == {p for p in params if not re.match(linear1, p)}
+    assert all(torch.equal(back[k], state[k]) for k in back)
+    return sd
+
+
+@pytest.mark.parametrize("arch", list(TINY))
+def test_fuse_into_a_diffusers_folder_and_a_single_file(tmp_path, arch):
+    """``fuse`` of the two tiny inputs into the tiny pipeline saved with save_pretrained, and into
+    its ComfyUI-style single file: every weight (and Wan's biases) = base + Σ wᵢ ΔWᵢ."""
+    from loramerge.fuse import fuse
+
+    spec = TINY[arch]
+    pipe = spec["pipe"]()
+    components = list(spec["a"])
+    paths, refs, biases = tiny_inputs(tmp_path, arch, pipe)
+    expected = expected_linear(refs)
+    bias_expected = {k: WEIGHTS[0] * b.double() for k, b in biases.items()}
+    folder = tmp_path / "base"
+    for component in components:
+        getattr(pipe, component).save_pretrained(folder / component)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": type(pipe).__name__}))
+    fuse(folder, paths, tmp_path / "fused", weights=WEIGHTS)
+    base = snapshot(pipe, components)
+    for component in components:
+        model = getattr(pipe, component)
+        model.load_state_dict(type(model).from_pretrained(tmp_path / "fused" / component).state_dict())
+    assert_fused(pipe, base, expected, bias_expected)
+
+    pipe = spec["pipe"]()
+    sd = single_file(arch, pipe.transformer)
+    save_file(sd, str(tmp_path / "base.safetensors"))
+    only_transformer = [tmp_path / "a_t.safetensors", tmp_path / "b_t.safetensors"]
+    for path, out in zip(paths, only_transformer):
+        lora = loramerge.load(path)
+        loramerge.save(loramerge.LoRA([m for m in lora if m.component == "transformer"], arch), out)
+    fuse(tmp_path / "base.safetensors", only_transformer, tmp_path / "fused.safetensors", weights=WEIGHTS)
+    with torch.no_grad():
+        for (component, name), delta in expected.items():
+            if component == "transformer":
+                layer = tv.weight_of(pipe.transformer, name)
+                layer.weight += delta.to(layer.weight.dtype)
+                if (component, name) in bias_expected:
+                    layer.bias += bias_expected[(component, name)].float()
+    want = tv.original_state(pipe.transformer, SINGLE[arch][1], SINGLE[arch][0])
+    with safe_open(str(tmp_path / "fused.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(want)
+        for key, tensor in want.items():
+            assert torch.allclose(f.get_tensor(key), tensor, rtol=0, atol=2e-6), key
+
+
+@pytest.mark.parametrize("arch", list(TINY))
+def test_attach_mixes_on_the_real_pipeline_object(tmp_path, arch):
+    """``attach`` on the real pipeline class: the mix fuses to base + Σ wᵢ ΔWᵢ (biases too),
+    block weights re-patch it, and unfuse gives back the original bits."""
+    spec = TINY[arch]
+    pipe = spec["pipe"]()
+    components = list(spec["a"])
+    paths, refs, biases = tiny_inputs(tmp_path, arch, pipe)
+    base = snapshot(pipe, components)
+    bits = {k: tv.weight_of(getattr(pipe, k[0]), k[1]).weight.detach().clone() for k in base}
+    mix = loramerge.attach(pipe, {"a": paths[0], "b": paths[1]})
+    mix.set_weights({"a": WEIGHTS[0], "b": WEIGHTS[1]})
+    mix.fuse()
+    assert_fused(pipe, base, expected_linear(refs), {k: WEIGHTS[0] * b.double() for k, b in biases.items()})
+    grammar = loramerge.formats.archs.spec(arch).blocks
+    kind = next(iter(grammar.kinds))
+    mix.set_weights({"a": WEIGHTS[0], "b": WEIGHTS[1]}, block_weights={"transformer": {kind: {"0": 0.0}}})
+    zeroed = {k: d for k, d in expected_linear(refs).items()
+              if not (k[0] == "transformer" and grammar.block_of(k[1]) == f"{kind}.0")}
+    assert len(zeroed) < len(expected_linear(refs))
+    assert_fused(pipe, {k: (w, None) for k, (w, _) in base.items()}, zeroed)
+    mix.unfuse()
+    for key, original in bits.items():
+        assert torch.equal(tv.weight_of(getattr(pipe, key[0]), key[1]).weight, original), key
+
+
+@pytest.mark.parametrize("arch", list(TINY))
+def test_extract_from_two_single_files(tmp_path, arch):
+    """``extract`` from a tiny base single file and a tuned one (base + rank-2 changes on some
+    modules, fused tensors included): each changed module comes back at rank 2, exactly."""
+    from loramerge.extract import extract
+
+    pipe = TINY[arch]["pipe"]()
+    base = single_file(arch, pipe.transformer)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    gen = torch.Generator().manual_seed(70)
+    changed = {}
+    with torch.no_grad():
+        for i, (name, layer) in enumerate(sorted(tv.linears(pipe.transformer).items())):
+            if i % 3 == 0:
+                out_f, in_f = layer.weight.shape[0], layer.weight[0].numel()
+                delta = (torch.randn(out_f, 2, generator=gen) @ torch.randn(2, in_f, generator=gen) * 0.01)
+                layer.weight += delta.reshape(layer.weight.shape)
+                changed[name] = delta.double()
+    save_file(single_file(arch, pipe.transformer), str(tmp_path / "tuned.safetensors"))
+    lora, report = extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", rank=2)
+    assert lora.arch == arch and set(lora.modules) == {f"transformer.{n}" for n in changed}
+    for name, delta in changed.items():
+        got = lora[f"transformer.{name}"].delta(torch.float64).reshape(delta.shape)
+        assert rel(got, delta) < 1e-4, name
+    loramerge.save(lora, tmp_path / "x.safetensors")
+    assert loramerge.load(tmp_path / "x.safetensors").arch == arch
+
+
+def test_inspect_and_analyze_run(tmp_path):
+    """``loramerge inspect`` names the architecture, the format and the undetermined variant
+    (full-size 14B blocks); ``analyze`` reports Wan's blocks (tiny widths: it works on dense ΔW)."""
+    from typer.testing import CliRunner
+
+    from loramerge.cli import app
+
+    shapes = wan_shapes("wan2.1-t2v-14b", blocks=(0, 39))
+    tv.write(tmp_path / "a.safetensors", tv.file_modules(shapes, WAN, 1, None, 80), "diffusion_model.")
+    tiny = {n: s for n, s in tv.shapes_of(tv.wan_transformer()).items() if n.startswith("blocks.")}
+    tv.write(tmp_path / "c.safetensors", tv.file_modules(tiny, WAN, 2, None, 80), "diffusion_model.")
+    tv.write(tmp_path / "d.safetensors", tv.file_modules(tiny, WAN, 3, 1.0, 81), "lora_unet_", style="kohya", flat=True)
+    runner = CliRunner()
+    result = runner.invoke(app, ["inspect", str(tmp_path / "a.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert "wan (Wan 2.1 / 2.2)" in result.output and "comfyui" in result.output
+    assert "undetermined: " in result.output and "wan2.2-t2v-a14b" in result.output
+    assert "transformer.blocks.39" in result.output
+    result = runner.invoke(app, ["analyze", str(tmp_path / "c.safetensors"), str(tmp_path / "d.safetensors"),
+                                 "--out", str(tmp_path / "an")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert any("blocks.1" in name for name in report["blocks"])

@@ -14,11 +14,11 @@ from loramerge.formats import keymaps
 from loramerge.formats.schemes import Scheme, Target
 
 
-def wan_transformer(image: bool = False, layers: int = 2):
+def wan_transformer(image: bool = False, layers: int = 2, seed: int = 0):
     """Wan with 2 heads of 16 (width 32); ``image``: Wan 2.1 I2V's image cross-attention."""
     from diffusers import WanTransformer3DModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16,
                                  in_channels=8 if image else 4, out_channels=4, text_dim=24, freq_dim=16,
                                  ffn_dim=48, num_layers=layers, cross_attn_norm=True,

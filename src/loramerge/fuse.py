@@ -9,6 +9,7 @@ output is written to a temporary file or folder and renamed into place on succes
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import shutil
@@ -41,7 +42,10 @@ class FuseReport:
 
 
 def placed_delta(module: LoraModule, placement: Placement) -> torch.Tensor:
-    """The module's ΔW (float32) laid out as the checkpoint stores that weight."""
+    """The module's ΔW (float32) laid out as the checkpoint stores that weight — or its bias
+    delta, when the placement is the bias."""
+    if placement.bias:
+        return to_module_layout(module.bias_delta(torch.float32), placement)
     return to_module_layout(module.delta(torch.float32), placement)
 
 
@@ -62,6 +66,11 @@ def plan_fusion(ckpt: Checkpoint, merged: LoRA) -> dict[tuple[str, str], list[tu
             raise ShapeMismatchError(
                 f"module {module.key} is {tuple(module.shape)} in the LoRA but {tuple(shape)} in the base", ckpt.path)
         plan[(placement.file, placement.key)].append((module, placement))
+        if module.bias is not None:  # a bias delta (diff_b) goes to the weight's bias
+            bias_key = placement.key[: -len("weight")] + "bias" if placement.key.endswith("weight") else None
+            if bias_key is None or bias_key not in ckpt.files[placement.file]:
+                raise LoraMergeError(f"module {module.key} has a bias delta but the base has no bias for it", ckpt.path)
+            plan[(placement.file, bias_key)].append((module, dataclasses.replace(placement, key=bias_key, bias=True)))
     return plan
 
 

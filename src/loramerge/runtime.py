@@ -87,6 +87,13 @@ class LiveMix:
         up, down = module.factors(torch.float32, param.device)
         target = self._targets.setdefault(module.key, _Target(param, []))
         target.terms.append((lora_name, module, up * module.scale, down))
+        if module.bias is not None:  # a bias delta: a rank-1 term (bias as a column) on the bias
+            if getattr(layer, "bias", None) is None:
+                raise LoraMergeError(f"module {module.key} has a bias delta but the pipeline's layer has no bias "
+                                     f"(LoRA {lora_name!r})", lora.path)
+            bias = self._targets.setdefault(module.key + ".bias", _Target(layer.bias, []))
+            ones = torch.ones(1, 1, device=param.device)
+            bias.terms.append((lora_name, module, module.bias_delta().to(param.device).reshape(-1, 1), ones))
 
     # ------------------------------------------------------------------ public API
 
