@@ -95,6 +95,19 @@ def assert_diffusers_agrees(theirs: dict[str, dict], reference: dict[tuple[str, 
         assert rel(theirs_probe(theirs[component][name]), ref_probe(uv)) < tol, (component, name)
 
 
+def check_file(path, ref, expect: tuple, pipeline_cls=None, variants=None):
+    """loramerge reads ``path`` as ``expect`` (arch, format, variant), with the variants it
+    leaves open, and exactly the reference's modules and ΔW; so does diffusers, if given."""
+    lora = loramerge.load(path)
+    assert (lora.arch, lora.format, lora.variant) == expect
+    if variants is not None:
+        assert set(lora.variants) == set(variants)
+    assert_reads_as(lora, ref)
+    if pipeline_cls is not None:
+        assert_diffusers_agrees(converted(pipeline_cls, path), ref)
+    return lora
+
+
 def reference(modules, shapes, component="transformer"):
     return {(component, n): uv for n, uv in tv.member_factors(modules, shapes).items()}
 
@@ -133,14 +146,10 @@ def test_wan_comfyui_ai_toolkit_full_size_matches_diffusers(tmp_path):
     shapes.pop("condition_embedder.time_proj")  # [30720, 5120]: kept to the kohya test's memory budget
     modules = tv.write(tmp_path / "a.safetensors", tv.file_modules(shapes, WAN, RANKS[0], None, 1),
                        "diffusion_model.", dtype=torch.float16)
-    ref = reference(modules, shapes)
-    lora = loramerge.load(tmp_path / "a.safetensors")
-    assert (lora.arch, lora.format, lora.variant) == ("wan", "comfyui", None)
-    assert set(lora.variants) == {"wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b"}
-    assert_reads_as(lora, ref)
     from diffusers import WanPipeline
 
-    assert_diffusers_agrees(converted(WanPipeline, tmp_path / "a.safetensors"), ref)
+    check_file(tmp_path / "a.safetensors", reference(modules, shapes), ("wan", "comfyui", None), WanPipeline,
+               {"wan2.1-i2v-14b-480p", "wan2.1-i2v-14b-720p", "wan2.1-flf2v-14b"})
 
 
 def test_wan_comfyui_kohya_factors_alpha_and_bias_deltas(tmp_path):
@@ -225,13 +234,9 @@ def test_wan_musubi_full_size_matches_diffusers(tmp_path):
     shapes = wan_shapes("wan2.1-t2v-1.3b")
     modules = tv.write(tmp_path / "m.safetensors", tv.file_modules(shapes, WAN, per_module((1, 2)), per_module((1.0, 4.0)), 6),
                        "lora_unet_", style="kohya", flat=True, metadata={"modelspec.architecture": "wan2.1/lora"})
-    ref = reference(modules, shapes)
-    lora = loramerge.load(tmp_path / "m.safetensors")
-    assert (lora.arch, lora.format, lora.variant) == ("wan", "kohya", "wan2.1-t2v-1.3b")
-    assert_reads_as(lora, ref)
     from diffusers import WanPipeline
 
-    assert_diffusers_agrees(converted(WanPipeline, tmp_path / "m.safetensors"), ref)
+    check_file(tmp_path / "m.safetensors", reference(modules, shapes), ("wan", "kohya", "wan2.1-t2v-1.3b"), WanPipeline)
 
 
 def test_wan_musubi_partial_and_wan_fun_files_diffusers_refuses(tmp_path):
@@ -310,12 +315,9 @@ def test_wan_diffusers_format_and_patch_embedding(tmp_path):
 
     shapes = wan_shapes("wan2.2-ti2v-5b", pattern=WAN_BLOCKS[:-1] + r"|^patch_embedding$", blocks=(0, 29))
     modules = tv.write(tmp_path / "w.safetensors", tv.file_modules(shapes, DIFFUSERS, 2, None, 11), "transformer.")
-    ref = reference(modules, shapes)
-    lora = loramerge.load(tmp_path / "w.safetensors")
-    assert (lora.arch, lora.format, lora.variant) == ("wan", "diffusers", "wan2.2-ti2v-5b")  # in_channels 48
+    lora = check_file(tmp_path / "w.safetensors", reference(modules, shapes), ("wan", "diffusers", "wan2.2-ti2v-5b"),
+                      WanPipeline)  # patch_embedding's 48 input channels: the 5B
     assert lora["transformer.patch_embedding"].shape == (3072, 48, 1, 2, 2)
-    assert_reads_as(lora, ref)
-    assert_diffusers_agrees(converted(WanPipeline, tmp_path / "w.safetensors"), ref)
     tv.write(tmp_path / "c.safetensors", tv.file_modules(shapes, WAN, 2, None, 11), "diffusion_model.")
     with pytest.raises(ValueError, match="patch_embedding"):
         WanPipeline.lora_state_dict(str(tmp_path / "c.safetensors"))
@@ -352,12 +354,9 @@ def test_hunyuan_comfyui_full_size_matches_diffusers(tmp_path):
     shapes = without(hv_shapes(), HV_REFINER_QKV + r"|^norm_out\.linear$")
     modules = tv.write(tmp_path / "c.safetensors", tv.file_modules(shapes, HUNYUAN, 1, None, 20), "diffusion_model.",
                        dtype=torch.float16)
-    ref = reference(modules, shapes)
-    lora = loramerge.load(tmp_path / "c.safetensors")
-    assert (lora.arch, lora.format, lora.variant) == ("hunyuanvideo", "comfyui", None)
-    assert set(lora.variants) == {"hunyuanvideo", "hunyuanvideo-i2v"}  # img_in in 16 channels: not the 33ch I2V
-    assert_reads_as(lora, ref)
-    assert_diffusers_agrees(converted(HunyuanVideoPipeline, tmp_path / "c.safetensors"), ref)
+    # img_in in 16 channels: T2V or the 16-channel I2V, not the 33-channel I2V
+    check_file(tmp_path / "c.safetensors", reference(modules, shapes), ("hunyuanvideo", "comfyui", None),
+               HunyuanVideoPipeline, {"hunyuanvideo", "hunyuanvideo-i2v"})
 
 
 def test_hunyuan_refiner_qkv_and_final_layer_diffusers_bugs(tmp_path):
@@ -417,11 +416,8 @@ def test_hunyuan_diffusers_format_and_33ch_variant(tmp_path):
     shapes = hv_shapes("hunyuanvideo-i2v-33ch", pattern=r"^x_embedder|^(single_)?transformer_blocks\.\d+\.attn\.to_q$",
                        blocks=(0, 39))
     modules = tv.write(tmp_path / "d.safetensors", tv.file_modules(shapes, DIFFUSERS, 2, None, 24), "transformer.")
-    ref = reference(modules, shapes)
-    lora = loramerge.load(tmp_path / "d.safetensors")
-    assert (lora.arch, lora.format, lora.variant) == ("hunyuanvideo", "diffusers", "hunyuanvideo-i2v-33ch")
-    assert_reads_as(lora, ref)
-    assert_diffusers_agrees(converted(HunyuanVideoPipeline, tmp_path / "d.safetensors"), ref)
+    check_file(tmp_path / "d.safetensors", reference(modules, shapes), ("hunyuanvideo", "diffusers", "hunyuanvideo-i2v-33ch"),
+               HunyuanVideoPipeline)
 
 
 def test_flux_and_hunyuan_share_names_detection(tmp_path):
@@ -1005,3 +1001,24 @@ def test_inspect_and_analyze_run(tmp_path):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "an" / "analysis.json").read_text())
     assert any("blocks.1" in name for name in report["blocks"])
+
+
+def test_a_header_naming_the_variant_settles_it(tmp_path):
+    """Shapes leave Wan 2.1 T2V-14B / I2V / FLF2V / either 2.2 expert open; a header naming one
+    of them (``loramerge.variant``, or ``modelspec.architecture`` ``<variant>/lora``) settles it,
+    one naming a variant the shapes exclude does not, and loramerge writes a determined variant."""
+    shapes = wan_shapes("wan2.1-t2v-14b", blocks=(0,))
+    modules = tv.file_modules(shapes, WAN, 1, None, 90)
+    for header, variant in (({"loramerge.variant": "wan2.2-t2v-a14b"}, "wan2.2-t2v-a14b"),
+                            ({"modelspec.architecture": "wan2.1-i2v-14b-720p/lora"}, "wan2.1-i2v-14b-720p"),
+                            ({"modelspec.architecture": "wan2.1/lora"}, None),
+                            ({"loramerge.variant": "wan2.1-t2v-1.3b"}, None)):  # 1.3B: the shapes say no
+        tv.write(tmp_path / "a.safetensors", modules, "diffusion_model.", metadata=header)
+        lora = loramerge.load(tmp_path / "a.safetensors")
+        assert lora.variant == variant, header
+    small = tv.write(tmp_path / "s.safetensors", tv.file_modules(wan_shapes("wan2.1-t2v-1.3b", blocks=(0,)), WAN, 1, None, 91),
+                     "lora_unet_", style="kohya", flat=True)
+    assert small and loramerge.load(tmp_path / "s.safetensors").variant == "wan2.1-t2v-1.3b"
+    loramerge.save(loramerge.load(tmp_path / "s.safetensors"), tmp_path / "t.safetensors")
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as f:
+        assert f.metadata()["loramerge.variant"] == "wan2.1-t2v-1.3b"

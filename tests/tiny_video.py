@@ -5,6 +5,7 @@ the formats the trainers write — for tests that check loramerge against diffus
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -133,19 +134,12 @@ def file_modules(shapes: dict[str, tuple[int, ...]], scheme: Scheme, rank, alpha
         inner[target.name] = tuple(shape[1:])
     out = {}
     for tname in sorted(targets):
-        n_in = _numel(inner[tname])
+        n_in = math.prod(inner[tname])
         r = min(rank(tname) if callable(rank) else rank, rows[tname], n_in)
         down = torch.randn(r, *inner[tname], generator=gen) / n_in ** 0.5
         up = torch.randn(rows[tname], r, *([1] * len(inner[tname][1:])), generator=gen) * scale / r ** 0.5
         out[tname] = FileModule(targets[tname], up, down, alpha(tname) if callable(alpha) else alpha)
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def member_factors(modules: dict[str, FileModule], shapes: dict[str, tuple[int, ...]]

@@ -21,10 +21,9 @@ Formats written:
 """
 
 from ..blockgrammar import TransformerBlocks
-from ..schemes.diffusers import DIFFUSERS
 from ..schemes.hunyuan import HUNYUAN, HUNYUAN_COMFY
 from . import Architecture, Identity
-from ._common import comfyui, dit_denoiser, kohya, peft
+from ._common import dit_denoiser, dit_formats, peft
 
 
 def transformer(in_channels: int = 16, guidance: bool = True, condition: str | None = None) -> dict:
@@ -50,11 +49,7 @@ ARCH = Architecture(
         "hunyuanvideo-i2v": {"transformer": transformer(condition="token_replace")},
         "hunyuanvideo-i2v-33ch": {"transformer": transformer(33, guidance=False, condition="latent_concat")},
     },
-    formats={
-        "comfyui": {"transformer": comfyui("diffusion_model.", HUNYUAN_COMFY)},
-        "kohya": {"transformer": kohya("lora_unet_", HUNYUAN)},
-        "diffusers": {"transformer": peft("transformer.", DIFFUSERS)},
-    },
+    formats=dit_formats(HUNYUAN, HUNYUAN_COMFY),
     default_format="comfyui",
     identity=Identity("hunyuan_video", "hunyuan-video/lora", "https://github.com/Tencent/HunyuanVideo", "1280x720",
                       ss_aliases=("hunyuan_video", "hunyuan-video", "hunyuanvideo", "hyvideo"),

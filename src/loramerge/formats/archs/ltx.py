@@ -23,7 +23,7 @@ from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
 from ..schemes.ltx import LTX, LTX2_CONNECTORS
 from . import Architecture, Component, Identity, Naming
-from ._common import comfyui, dit_denoiser, kohya, peft
+from ._common import comfyui, dit_denoiser, dit_formats, peft
 
 _LTX2_COMMON = {
     "_class_name": "LTX2VideoTransformer3DModel", "in_channels": 128, "out_channels": 128, "patch_size": 1,
@@ -73,6 +73,11 @@ def _transformer() -> Component:
 
 _GRAMMAR = TransformerBlocks({"block": "transformer_blocks"})
 
+
+def _with(formats: dict, **connectors: Naming) -> dict:
+    """``formats`` with the text connectors' naming added to the formats given."""
+    return {f: {**namings, **({"connectors": connectors[f]} if f in connectors else {})} for f, namings in formats.items()}
+
 LTX2 = Architecture(
     name="ltx2",
     label="LTX-2",
@@ -89,11 +94,7 @@ LTX2 = Architecture(
         # 2.5's connectors follow its Gemma-4 text encoder's config: no fixed full-size table
         "ltx2.5": {"transformer": ltx2(gated=True, ff_bias=False, keyframes=True)},
     },
-    formats={
-        "comfyui": {"transformer": comfyui("diffusion_model.", LTX), "connectors": comfyui("", LTX2_CONNECTORS)},
-        "kohya": {"transformer": kohya("lora_unet_", LTX)},
-        "diffusers": {"transformer": peft("transformer.", DIFFUSERS), "connectors": peft("connectors.", DIFFUSERS)},
-    },
+    formats=_with(dit_formats(LTX), comfyui=comfyui("", LTX2_CONNECTORS), diffusers=peft("connectors.", DIFFUSERS)),
     default_format="comfyui",
     identity=Identity("ltx2", "ltx-2/lora", "https://github.com/Lightricks/LTX-2", "1280x704",
                       ss_aliases=("ltx2", "ltx-2", "ltx_2", "ltxv2"), modelspec_aliases=("ltx-2", "ltx2", "ltxv2"),
@@ -112,11 +113,7 @@ LTX_VIDEO = Architecture(
         "ltx-video-0.9-2b": {"transformer": ltx_video(32, 64, 28)},
         "ltx-video-0.9.7-13b": {"transformer": ltx_video(32, 128, 48)},
     },
-    formats={
-        "comfyui": {"transformer": comfyui("diffusion_model.", LTX)},
-        "kohya": {"transformer": kohya("lora_unet_", LTX)},
-        "diffusers": {"transformer": peft("transformer.", DIFFUSERS)},
-    },
+    formats=dit_formats(LTX),
     default_format="comfyui",
     identity=Identity("ltx-video", "ltx-video/lora", "https://github.com/Lightricks/LTX-Video", "768x512",
                       # not a bare "ltxv": it would also claim LTX-2's "ltxv2"

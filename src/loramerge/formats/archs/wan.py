@@ -28,7 +28,7 @@ from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
 from ..schemes.wan import WAN
 from . import Architecture, Component, Identity, Naming
-from ._common import comfyui, dit_denoiser, kohya, peft
+from ._common import comfyui, dit_denoiser, dit_formats, peft
 
 
 def transformer(heads: int, ffn: int, layers: int, in_channels: int = 16, out_channels: int = 16,
@@ -46,7 +46,7 @@ T2V_14B = transformer(40, 13824, 40)
 I2V_14B = transformer(40, 13824, 40, in_channels=36, image=True)
 I2V_A14B = transformer(40, 13824, 40, in_channels=36)  # Wan 2.2 I2V has no image cross-attention
 
-COMFY, COMFY_2 = comfyui("diffusion_model.", WAN), comfyui("diffusion_model.transformer_2.", WAN)
+FORMATS, COMFY_2 = dit_formats(WAN), comfyui("diffusion_model.transformer_2.", WAN)
 
 ARCH = Architecture(
     name="wan",
@@ -72,11 +72,8 @@ ARCH = Architecture(
         "wan2.2-t2v-a14b": {"transformer": T2V_14B, "transformer_2": T2V_14B},
         "wan2.2-i2v-a14b": {"transformer": I2V_A14B, "transformer_2": I2V_A14B},
     },
-    formats={
-        "comfyui": {"transformer": COMFY, "transformer_2": COMFY_2},
-        "kohya": {"transformer": kohya("lora_unet_", WAN)},
-        "diffusers": {"transformer": peft("transformer.", DIFFUSERS), "transformer_2": peft("transformer_2.", DIFFUSERS)},
-    },
+    formats={**FORMATS, "comfyui": {**FORMATS["comfyui"], "transformer_2": COMFY_2},
+             "diffusers": {**FORMATS["diffusers"], "transformer_2": peft("transformer_2.", DIFFUSERS)}},
     default_format="comfyui",
     # musubi-tuner writes modelspec.architecture "wan2.1/lora" for every Wan task (2.2 too)
     identity=Identity("wan", "wan2.1/lora", "https://github.com/Wan-Video/Wan2.1", "832x480",
