@@ -17,8 +17,9 @@ Formats written:
   part is written under ``diffusion_model.transformer_2.`` (ComfyUI loads the high-noise part
   and reports the rest unloaded; diffusers refuses such a file).
 - ``kohya``: musubi-tuner's ``lora_unet_`` + flattened Wan names, one ``.alpha`` (ComfyUI
-  exact; diffusers' musubi converter only when every block has all ten projections). One
-  expert per file: ``transformer_2`` modules are refused.
+  exact; diffusers' musubi converter only when every block holds every projection — ten,
+  twelve with the image branch — and nothing outside the blocks). One expert per file:
+  ``transformer_2`` modules are refused.
 - ``diffusers``: ``transformer.`` / ``transformer_2.`` + diffusers names and
   ``lora_adapter_metadata`` (diffusers exact; the low-noise part loads with
   ``pipe.transformer_2.load_lora_adapter(sd, prefix="transformer_2")``).
