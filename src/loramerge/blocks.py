@@ -75,7 +75,10 @@ def block_id(arch: str, module: LoraModule) -> str | None:
     spec = archs.spec(arch)
     if module.component in spec.text_encoders:
         return "BASE"
-    return spec.blocks.block_of(module.name)
+    block = spec.blocks.block_of(module.name)
+    if block is not None and module.component != spec.denoiser:  # an expert's own blocks
+        return f"{module.component}:{block}"
+    return block
 
 
 @functools.cache
@@ -158,8 +161,8 @@ def from_dict(spec: dict, arch: str) -> BlockWeights:
             weights.components[key] = _number(value, key)
         elif key == arch_spec.denoiser and arch_spec.blocks.kind == "unet":
             _unet_dict(weights, value, arch_spec)
-        elif key == arch_spec.denoiser:
-            _transformer_dict(weights, value, arch)
+        elif key in arch_spec.denoisers:
+            _transformer_dict(weights, value, arch, key)
         else:
             raise UsageError(f"block weights: {key!r} is not a component of {arch_spec.label} "
                              f"({', '.join(arch_spec.components)}) nor a module pattern")
@@ -230,11 +233,12 @@ def _set_layers(weights: BlockWeights, updown: str, block: int, layers, n_blocks
             weights.blocks[f"OUT{3 * block + j:02d}"] = value
 
 
-def _transformer_dict(weights: BlockWeights, spec, arch: str) -> None:
+def _transformer_dict(weights: BlockWeights, spec, arch: str, component: str) -> None:
     arch_spec = archs.spec(arch)
     if not isinstance(spec, dict):
-        weights.components[arch_spec.denoiser] = _number(spec, arch_spec.denoiser)
+        weights.components[component] = _number(spec, component)
         return
+    prefix = "" if component == arch_spec.denoiser else f"{component}:"
     grammar, counts = arch_spec.blocks, block_counts(arch)
     for key, value in spec.items():
         kind = grammar.resolve_kind(key)
@@ -251,7 +255,7 @@ def _transformer_dict(weights: BlockWeights, spec, arch: str) -> None:
         for i, v, where in items:
             if i >= count:
                 raise UsageError(f"block weights: {where}: {arch_spec.label} has {count} {kind} blocks (0-{count - 1})")
-            weights.blocks[f"{kind}.{i}"] = _number(v, where)
+            weights.blocks[f"{prefix}{kind}.{i}"] = _number(v, where)
 
 
 def _span(text) -> range:

@@ -215,7 +215,8 @@ class LoRA:
         self.metadata = dict(metadata or {})
         self.path = Path(path) if path is not None else None
         self.stats: dict[str, dict[str, float]] = {}  # per-module numbers a merge measured
-        self.variant: str | None = None  # the full-size model variant the shapes fit best
+        self.variant: str | None = None  # the full-size model variant, when the file determines it
+        self.variants: tuple[str, ...] = ()  # the variants the file fits equally well
 
     def __len__(self) -> int:
         return len(self.modules)
@@ -264,5 +265,5 @@ class LoRA:
                 m.source, m.bias_delta() if m.bias is not None else None,
             ))
         copy = LoRA(mods, self.arch, self.format, self.metadata, self.path)
-        copy.variant = self.variant
+        copy.variant, copy.variants = self.variant, self.variants
         return copy

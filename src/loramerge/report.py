@@ -15,7 +15,7 @@ from .provenance import embedded
 
 def block_of(spec: archs.Architecture, module: LoraModule) -> str:
     """The group ``inspect`` reports a module under: a denoiser block, or a text encoder."""
-    if module.component != spec.denoiser:
+    if module.component not in spec.denoisers:
         return module.component
     return f"{module.component}.{spec.blocks.summary_group(module.name)}"
 
@@ -44,7 +44,7 @@ def summarize(lora: LoRA, norms: bool = True) -> dict:
         "architecture": lora.arch,
         "architecture_label": spec.label,
         "variant": lora.variant,
-        "variants": list(spec.variants),
+        "variants": [] if lora.variant else list(getattr(lora, "variants", ())),  # the candidates, if undetermined
         "format": lora.format,
         "dtype": str(lora.dtype).replace("torch.", ""),
         "modules": len(lora),

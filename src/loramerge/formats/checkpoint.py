@@ -92,23 +92,26 @@ class Checkpoint:
         return found
 
     def _single_file_arch(self) -> Architecture:
+        """The architecture whose names the most tensors have; on a tie, the one whose model the
+        file covers most (LTX-Video's blocks are a part of LTX-2's names: no audio, LTX-Video)."""
         keys = self.files[""].keys()
         scores = {a.name: self._single_file_hits(a, keys) for a in archs.registry().values()}
         best = max(scores, key=lambda n: scores[n])
-        if scores[best] == 0:
+        if scores[best][0] == 0:
             raise FileFormatError("not a base model checkpoint of any known architecture (no tensor names match)",
                                   self.path)
         return archs.spec(best)
 
     @staticmethod
-    def _single_file_hits(arch: Architecture, keys: list[str]) -> int:
-        hits = 0
+    def _single_file_hits(arch: Architecture, keys: list[str]) -> tuple[int, float]:
+        hits, coverage = 0, 0.0
         for component in arch.components:
             for naming in component.single_file:
                 index = name_index(arch, component.name, naming)
                 known = {naming.prefix + _checkpoint_key(naming.scheme.decode(n)) for n in index.exact}
-                hits += sum(k in known for k in keys)
-        return hits
+                found = sum(k in known for k in keys)
+                hits, coverage = hits + found, max(coverage, found / max(len(known), 1))
+        return hits, coverage
 
     def check_arch(self, lora_arch: str, lora_path=None) -> None:
         if lora_arch != self.arch:

@@ -4,7 +4,9 @@
    then — if no architecture places them all — up to layer numbers (larger custom models).
 2. Among those that place everything, full-size shapes: the architecture (and variant) whose
    real modules have the most of the file's shapes.
-3. Among those that fit equally, the file's own words decide: ``ss_base_model_version``,
+3. Among those that fit equally, a trained LoRA covers its model's blocks: the architecture
+   whose last block of each kind the file reaches (Flux's 19 double blocks vs HunyuanVideo's
+   20, same names and widths). Then the file's own words decide: ``ss_base_model_version``,
    ``modelspec.architecture``, a PEFT folder's ``base_model_name_or_path`` (kohya's and ComfyUI's
    key prefixes already narrowed the field in step 1: ``lora_te_`` exists only in SD1/SD2…).
    A header contradicted by the shapes loses: files copy headers, not shapes.
@@ -14,6 +16,9 @@ Variants of one architecture whose keys and shapes are identical are told apart 
 by the header when it names one (:attr:`Identity.variant_names`), else left undetermined.
 A file that fits an architecture except for modules of a part it does not read (its
 :attr:`Architecture.unsupported` prefixes) is refused with the reason, naming that part.
+Within the architecture, variants whose shapes fit equally (Wan 2.1 T2V-14B and a Wan 2.2 A14B
+expert) leave the variant undetermined (``Reading.also``) unless the header names one of them
+(``loramerge.variant``, or ``modelspec.architecture`` = ``<variant>/lora``).
 """
 
 from __future__ import annotations
@@ -84,6 +89,24 @@ def read_as(arch: Architecture, modules: dict[str, Shape], exact_only: bool) -> 
     return Reading(arch, ranked[0], chosen, misfits, best, tuple(ranked[1:]))
 
 
+def last_blocks_reached(reading: Reading) -> int:
+    """How many block kinds of the reading's variant have their last block in the file."""
+    denoisers = reading.arch.denoisers
+
+    def kind_index(name: str) -> tuple[str, int] | None:
+        block = reading.arch.blocks.block_of(name)
+        kind, _, index = (block or "").partition(".")
+        return (kind, int(index)) if index.isdigit() else None  # DiT grammars only (kind.i)
+
+    last: dict[str, int] = {}
+    for component in denoisers:
+        for found in filter(None, map(kind_index, keymaps.table(reading.variant).get(component, {}))):
+            last[found[0]] = max(last.get(found[0], 0), found[1])
+    reached = {found[0] for m in reading.chosen.values() if m.component in denoisers
+               for found in filter(None, map(kind_index, m.target.members)) if last.get(found[0]) == found[1]}
+    return len(reached)
+
+
 def claims(metadata: dict[str, str], config: dict | None) -> tuple[set[str], list[str]]:
     """Architectures the file's own header or adapter config names, and where it says so."""
     found: set[str] = set()
@@ -108,12 +131,16 @@ def _stem(value) -> str:
 
 def named_variant(reading: Reading, metadata: dict[str, str]) -> str | None:
     """The variant of a reading: the one the shapes pick or, among variants the shapes cannot
-    tell apart, the one the header names; None when nothing decides."""
+    tell apart, the one the header names — ``loramerge.variant``, a ``modelspec.architecture``
+    of ``<variant>/lora``, or a value the entry lists for it (:attr:`Identity.variant_names`);
+    None when nothing decides."""
     if not reading.also:
         return reading.variant
-    said = {_stem(metadata.get(f)) for f in ("modelspec.architecture", "ss_base_model_version")} - {""}
+    said = {_stem(metadata.get(f)) for f in ("modelspec.architecture", "ss_base_model_version", "loramerge.variant")}
+    said -= {""}
     names = reading.arch.identity.variant_names
-    named = [v for v in (reading.variant, *reading.also) if said & {_stem(n) for n in names.get(v, ())}]
+    named = [v for v in (reading.variant, *reading.also)
+             if said & ({v.lower()} | {_stem(n) for n in names.get(v, ())})]
     return named[0] if len(named) == 1 else None
 
 
@@ -158,6 +185,10 @@ def detect(modules: dict[str, Shape], metadata: dict[str, str], config: dict | N
                             f"unmapped: {shown}", path)
     best = max(r.shape_hits for r in placed)
     top = [r for r in placed if r.shape_hits == best]
+    if len(top) > 1:
+        reach = {id(r): last_blocks_reached(r) for r in top}
+        most = max(reach.values())
+        top = [r for r in top if reach[id(r)] == most]
     if len(top) == 1:
         return top[0]
     claimed, said = claims(metadata, config)
@@ -167,6 +198,9 @@ def detect(modules: dict[str, Shape], metadata: dict[str, str], config: dict | N
     top = agreeing or top
     names = tuple(r.arch.name for r in top)
     why = f" (the header says {', '.join(said)}, which does not decide)" if said else ""
+    headers = "; ".join(f"{r.arch.name}: {'/'.join(r.arch.identity.modelspec_aliases[:2] or r.arch.identity.ss_aliases[:2])}"
+                        for r in top)
     raise AmbiguousArchitectureError(
         f"keys and shapes fit {len(names)} architectures equally: {', '.join(names)}{why}; "
-        f"give --arch {names[0]} (or one of the others)", path, names)
+        f"give --arch {names[0]} (or one of the others), or a modelspec.architecture naming one ({headers})",
+        path, names)

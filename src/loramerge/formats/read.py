@@ -109,7 +109,8 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
         modules.extend(_build(raw, match, shapes[_placed_prefix(raw)], source, reading.variant, configs))
     _check_duplicates(modules, source)
     lora = LoRA(modules, reading.arch.name, _format_name(raw_modules, reading), source.metadata, source.path)
-    lora.variant = named_variant(reading, source.metadata)
+    lora.variant = named_variant(reading, source.metadata)  # None: several fit equally, the header names none
+    lora.variants = (reading.variant, *reading.also)
     return lora
 
 

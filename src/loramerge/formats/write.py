@@ -158,13 +158,12 @@ class Group:
             tensors[f"{self.key}.lora_up.weight"] = up.to(dtype).contiguous()
             tensors[f"{self.key}.lora_down.weight"] = down.to(dtype).contiguous()
             tensors[f"{self.key}.alpha"] = torch.tensor(float(alpha), dtype=torch.float32)
-            if bias is not None:
-                tensors[f"{self.key}.diff_b"] = bias.to(dtype).contiguous()
         else:
             tensors[f"{self.key}.lora_A.weight"] = down.to(dtype).contiguous()
             tensors[f"{self.key}.lora_B.weight"] = up.to(dtype).contiguous()
-            if bias is not None:  # PEFT scales lora_B's bias like its weight; the scale is 1 here
-                tensors[f"{self.key}.lora_B.bias"] = bias.to(dtype).contiguous()
+        if bias is not None:  # PEFT scales lora_B's bias like its weight; the scale is 1 here
+            suffix = self.naming.bias_key or ("diff_b" if self.naming.style == "kohya" else "lora_B.bias")
+            tensors[f"{self.key}.{suffix}"] = bias.to(dtype).contiguous()
 
     def _shape(self) -> tuple[int, ...]:
         if self.simple:
@@ -289,11 +288,12 @@ def adapter_metadata(lora: LoRA) -> dict:
     for component in lora.components:
         mods = [m for m in lora if m.component == component]
         r = collections.Counter(m.rank for m in mods).most_common(1)[0][0]
+        pattern = _rank_pattern({_peft_target(m.name): m.rank for m in mods}, r)
         config = {
             "r": r,
             "lora_alpha": r,
-            "rank_pattern": {_peft_target(m.name): m.rank for m in mods if m.rank != r},
-            "alpha_pattern": {_peft_target(m.name): m.rank for m in mods if m.rank != r},
+            "rank_pattern": pattern,
+            "alpha_pattern": dict(pattern),
             "target_modules": sorted(_peft_target(m.name) for m in mods),
             "use_dora": False,
             "use_rslora": False,
@@ -301,6 +301,16 @@ def adapter_metadata(lora: LoRA) -> dict:
         }
         flat.update({f"{component}.{k}": v for k, v in config.items()})
     return flat
+
+
+def _rank_pattern(ranks: dict[str, int], r: int) -> dict[str, int]:
+    """PEFT's rank_pattern for modules whose rank is not ``r``. PEFT takes a pattern key as a
+    dotted suffix and uses the first key that matches, so a top-level ``proj_out`` key would
+    also claim ``single_transformer_blocks.0.proj_out``: every module such a key reaches gets
+    its own entry, and longer (more specific) keys come first."""
+    pattern = {name: rank for name, rank in ranks.items() if rank != r}
+    pattern.update({name: rank for name, rank in ranks.items() if any(name.endswith("." + k) for k in pattern)})
+    return {name: pattern[name] for name in sorted(pattern, key=lambda n: (-len(n), n))}
 
 
 def _number(x: float) -> str:
@@ -324,10 +334,13 @@ def build_header(lora: LoRA, arch: Architecture, format: str, alpha: float | Non
     })
     if alpha is not None:
         header["ss_network_alpha"] = _number(alpha)
+    if lora.variant:  # the full-size variant, when the inputs determined it
+        header["loramerge.variant"] = lora.variant
     header.setdefault("modelspec.title", lora.path.stem if lora.path else "loramerge")
     if format == "diffusers":
         header["format"] = "pt"
-        header["lora_adapter_metadata"] = json.dumps(adapter_metadata(lora), indent=2, sort_keys=True)
+        # nested pattern dicts keep their order (PEFT uses the first key that matches)
+        header["lora_adapter_metadata"] = json.dumps(dict(sorted(adapter_metadata(lora).items())), indent=2)
     for key, value in (extra or {}).items():
         if value is None:
             header.pop(key, None)

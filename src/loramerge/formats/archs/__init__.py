@@ -39,6 +39,7 @@ class Naming:
     flat: bool = False  # kohya: dots flattened to '_'
     style: str = "kohya"  # factor keys written: kohya (lora_down/lora_up/.alpha) or peft (lora_A/lora_B)
     label: str = "kohya"  # the format name reported for files that use it
+    bias_key: str | None = None  # suffix bias deltas are written under (None: diff_b for kohya, lora_B.bias for peft)
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,8 @@ class Architecture:
     identity: Identity
     blocks: BlockGrammar
     pipelines: tuple[str, ...] = ()  # diffusers pipeline classes (model_index.json _class_name)
+    # further denoiser components with the denoiser's block grammar (Wan 2.2's low-noise transformer_2)
+    experts: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())  # client facts a writer warns about
     unsupported: tuple[Unsupported, ...] = ()  # parts whose LoRA modules are refused
 
@@ -100,8 +103,13 @@ class Architecture:
         return tuple(c.name for c in self.components)
 
     @property
+    def denoisers(self) -> tuple[str, ...]:
+        return (self.denoiser, *self.experts)
+
+    @property
     def text_encoders(self) -> tuple[str, ...]:
-        return tuple(c.name for c in self.components if c.name != self.denoiser)
+        """Every component that is not a denoiser (text encoders, text connectors)."""
+        return tuple(c.name for c in self.components if c.name not in self.denoisers)
 
     def denoiser_classes(self) -> set[str]:
         return {cfg[self.denoiser]["_class_name"] for cfg in self.variants.values() if self.denoiser in cfg}

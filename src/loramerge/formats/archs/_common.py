@@ -31,6 +31,21 @@ def peft(prefix: str, scheme: Scheme, label: str = "diffusers") -> Naming:
     return Naming(prefix, scheme, style="peft", label=label)
 
 
+def comfyui(prefix: str, scheme: Scheme) -> Naming:
+    """ComfyUI-style PEFT keys (``diffusion_model.`` + original names): bias deltas as ``diff_b``,
+    which ComfyUI adds to the bias (it does not read ``lora_B.bias``)."""
+    return Naming(prefix, scheme, style="peft", label="comfyui", bias_key="diff_b")
+
+
+def dit_formats(original: Scheme, comfy: Scheme | None = None) -> dict[str, dict[str, Naming]]:
+    """The three formats of a video/image DiT's ``transformer``: ComfyUI-style (``diffusion_model.``
+    + original names, PEFT factors, scale folded), kohya (``lora_unet_`` + flattened original
+    names, one .alpha) and diffusers (``transformer.`` + diffusers names)."""
+    return {"comfyui": {"transformer": comfyui("diffusion_model.", comfy or original)},
+            "kohya": {"transformer": kohya("lora_unet_", original)},
+            "diffusers": {"transformer": peft("transformer.", DIFFUSERS)}}
+
+
 def text_encoder(name: str, kohya_prefixes: tuple[str, ...], comfy_prefix: str | None = None,
                  single_file: tuple[Naming, ...] = ()) -> Component:
     """A transformers text encoder: kohya prefixes, diffusers' ``name.`` prefix, bare PEFT names,

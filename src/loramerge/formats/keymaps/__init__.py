@@ -27,15 +27,16 @@ def build_model(config: dict, device: str | torch.device = "meta") -> torch.nn.M
     """Instantiate a component from its config (on the meta device by default: no memory)."""
     config = dict(config)
     class_name = config.pop("_class_name")
+    module = config.pop("_module", None)  # classes diffusers does not export at top level
     with torch.device(device):
         if class_name.startswith(("CLIP", "T5")):
             import transformers
 
             config_cls = transformers.T5Config if class_name.startswith("T5") else transformers.CLIPTextConfig
             return getattr(transformers, class_name)(config_cls(**config))
-        import diffusers
+        import importlib
 
-        return getattr(diffusers, class_name).from_config(config)
+        return getattr(importlib.import_module(module or "diffusers"), class_name).from_config(config)
 
 
 def canonical_module_name(model: torch.nn.Module, name: str) -> str:
