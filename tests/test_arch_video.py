@@ -211,21 +211,23 @@ def test_wan_lightx2v_head_diff_is_a_full_module(tmp_path):
                     {**reference(modules, shapes), ("transformer", "proj_out"): (torch.eye(64).double(), diff.double())})
 
 
-def test_wan_norm_deltas_are_refused_with_one_line(tmp_path):
-    """1-D ``.diff`` keys (norm weights; lightx2v) have no representation yet: refused, naming
-    the module. diffusers drops them with a debug log."""
+def test_wan_norm_deltas_are_read_as_vector_deltas(tmp_path):
+    """1-D ``.diff``/``.diff_b`` keys (norm weights; lightx2v and Kijai extractions) are additive
+    deltas of the norm's weight and bias — the original ``norm3`` is diffusers' ``norm2``.
+    diffusers drops them (with a debug log); ComfyUI applies them."""
     shapes = wan_shapes(blocks=(0,))
     tv.write(tmp_path / "n.safetensors", tv.file_modules(shapes, WAN, 1, None, 5), "diffusion_model.")
     with safe_open(str(tmp_path / "n.safetensors"), "pt") as f:
         sd = {k: f.get_tensor(k) for k in f.keys()}
-    save_file({**sd, "diffusion_model.blocks.0.norm3.diff": torch.zeros(5120)}, str(tmp_path / "n.safetensors"))
-    with pytest.raises(UnsupportedModuleError) as err:
-        loramerge.load(tmp_path / "n.safetensors")
-    assert "diffusion_model.blocks.0.norm3" in str(err.value) and "norm weight deltas are not supported yet" in str(err.value)
-    assert len(str(err.value).splitlines()) == 1
-    save_file({**sd, "diffusion_model.blocks.0.norm3.diff_b": torch.zeros(5120)}, str(tmp_path / "n.safetensors"))
-    with pytest.raises(UnsupportedModuleError, match="blocks.0.norm3"):
-        loramerge.load(tmp_path / "n.safetensors")
+    weight = torch.randn(5120, generator=torch.Generator().manual_seed(7)) * 0.01
+    bias = torch.randn(5120, generator=torch.Generator().manual_seed(8)) * 0.01
+    save_file({**sd, "diffusion_model.blocks.0.norm3.diff": weight, "diffusion_model.blocks.0.norm3.diff_b": bias},
+              str(tmp_path / "n.safetensors"))
+    norm = loramerge.load(tmp_path / "n.safetensors")["transformer.blocks.0.norm2"]
+    assert norm.is_vector and torch.equal(norm.delta().reshape(-1), weight) and torch.equal(norm.bias_delta(), bias)
+    loramerge.save(loramerge.load(tmp_path / "n.safetensors"), tmp_path / "back.safetensors", format="comfyui")
+    with safe_open(str(tmp_path / "back.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("diffusion_model.blocks.0.norm3.diff"), weight)
 
 
 def test_wan_musubi_full_size_matches_diffusers(tmp_path):

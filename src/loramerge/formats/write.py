@@ -90,15 +90,23 @@ def _style(arch: Architecture, format: str) -> str:
     return next(iter(arch.formats[format].values())).style
 
 
+def carries_diff(naming: Naming | None) -> bool:
+    """Whether files in this naming hold LyCORIS ``.diff``/``.diff_b`` keys: kohya-style files and
+    ComfyUI-style ones (whose bias deltas are ``diff_b``) do; diffusers/PEFT files do not."""
+    return naming is not None and (naming.style == "kohya" or naming.bias_key == "diff_b")
+
+
 def _carried(lora: LoRA, arch: Architecture, format: str) -> LoRA:
     """The modules ``format`` can hold: norm-weight (1-D) deltas are LyCORIS ``.diff`` keys,
-    which kohya-style files carry and PEFT-style files cannot (dropped with a warning)."""
-    vectors = [m for m in lora if m.is_vector]
-    if not vectors or _style(arch, format) == "kohya":
+    which kohya- and ComfyUI-style files carry and diffusers/PEFT files cannot (dropped with a
+    warning)."""
+    vectors = [m for m in lora if m.is_vector and not carries_diff(arch.naming(format, m.component))]
+    if not vectors:
         return lora
     warnings.warn(f"{format} format cannot carry norm-weight deltas: {len(vectors)} dropped ({vectors[0].key}"
-                  f"{' …' if len(vectors) > 1 else ''}); write --format kohya to keep them", stacklevel=3)
-    kept = LoRA([m for m in lora if not m.is_vector], lora.arch, lora.format, lora.metadata, lora.path)
+                  f"{' …' if len(vectors) > 1 else ''}); write a kohya- or ComfyUI-style format to keep them", stacklevel=3)
+    dropped = {m.key for m in vectors}
+    kept = LoRA([m for m in lora if m.key not in dropped], lora.arch, lora.format, lora.metadata, lora.path)
     kept.variant = lora.variant
     return kept
 
