@@ -38,6 +38,8 @@ def lora(rank, seed):
 inputs = [lora(16, 1), lora(8, 2)]
 out = Path(sys.argv[2])
 for name, method in sorted(METHODS.items()):
+    if method.learn is not None:  # trained on a pipeline: test_learned checks their bytes repeat
+        continue
     spaces = ("core", "full") if any(p.name == "space" for p in method.params) else (None,)
     options = ({"rank": 12}, {"energy": 0.9}) if method.uses_rank else ({},)
     for space in spaces:
@@ -45,7 +47,7 @@ for name, method in sorted(METHODS.items()):
             kw = dict(option, **({"space": space} if space else {}))
             merged = loramerge.merge(inputs, weights=[0.7, -0.5], method=name, device="cpu", **kw)
             tag = "-".join([name, space or "factored", *(f"{k}{v}" for k, v in option.items())])
-            merged.save(out / f"{tag}.safetensors")
+            loramerge.save(merged, out / f"{tag}.safetensors")
 """
 
 

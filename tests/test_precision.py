@@ -58,7 +58,7 @@ def reference(loras, weights, key):
 def written(merged, tmp_path, dtype):
     """Save (factors cast to ``dtype``), read back, ΔW per module in float64."""
     path = tmp_path / f"merged-{str(dtype).split('.')[-1]}.safetensors"
-    merged.save(path, dtype=dtype)
+    loramerge.save(merged, path, dtype=dtype)
     back = loramerge.load(path)
     out = {}
     for m in back:

@@ -153,8 +153,6 @@ def merge(
             raise UsageError(f"this recipe composes the LoRAs at inference time (compose.method "
                              f"{plan.compose['method']}); use it with loramerge.compose_recipe, there is no file to merge")
         declared = {p.name for p in get_method(plan.method).params}
-        if base is not None and "base" in declared:  # learned methods train on the base pipeline
-            plan.params["base"] = str(base)
         if prompts:
             if "prompts" not in declared:
                 raise UsageError(f"--prompts applies to learned methods (ziplora, soups_cat), not {plan.method!r}")

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 import torch
 
 from .basemodel import resolve_against_base
+from .formats.checkpoint import Checkpoint
 from .errors import ArchitectureMismatchError, ShapeMismatchError, UsageError
 from .io import load_all
 from .lora import LoRA, LoraModule
@@ -73,6 +74,9 @@ def merge(
                 raise module.base_error()
     weights = _check_weights(weights, len(inputs))
     the_method = get_method(method)
+    if base is not None and any(p.name == "base" for p in the_method.params):
+        # one --base serves both: learned methods train on it, base-dependent modules resolve on it
+        params.setdefault("base", str(base.path if isinstance(base, Checkpoint) else base))
     resolved = the_method.resolve_params(params)
     _check_rank_options(the_method, rank, energy)
     _check_same_arch(inputs)
