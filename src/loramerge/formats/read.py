@@ -19,7 +19,7 @@ import torch
 
 from ..errors import NotALoraError, ShapeMismatchError, UnsupportedModuleError
 from ..lora import LoRA, LoraModule
-from . import keymaps, lycoris
+from . import archs, keymaps, lycoris
 from .detect import Reading, detect
 from .placement import Match
 from .schemes import Target
@@ -46,6 +46,9 @@ _ROLE_PATTERNS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\.diff_b$"), "diff_b"),
     (re.compile(r"\.(dora_scale|lora_magnitude_vector(\.[^.]+)?(\.weight)?)$"), "dora"),
     (re.compile(r"\.(w_norm|b_norm)$"), "norm"),
+    # XLabs processors: 'processor.qkv_lora1.down.weight' (tried last: more specific spellings win)
+    (re.compile(r"\.down\.weight$"), "down"),
+    (re.compile(r"\.up\.weight$"), "up"),
 ]
 
 _PEFT_WRAPPER = "base_model.model."  # PEFT's save_pretrained prefixes every key with it
@@ -76,6 +79,7 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
     source = open_source(path)
+    _refuse_foreign(source)
     raw_modules, unplaced = _group(source)
     if unplaced:
         shown = ", ".join(unplaced[:6]) + (f" and {len(unplaced) - 6} more" if len(unplaced) > 6 else "")
@@ -88,13 +92,16 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
         _check_supported(raw, source)
     shapes = {_placed_prefix(raw): _target_shape(raw, source) for raw in raw_modules}
     reading = detect(shapes, source.metadata, source.extra_config, arch, source.path)
+    format_name = source.format or _format_name(raw_modules, reading)
+    for raw in raw_modules:
+        _check_dora(raw, source, reading.arch.label, format_name)
     configs = _peft_configs(source)
     modules: list[LoraModule] = []
     for raw in raw_modules:
         match = reading.chosen[_placed_prefix(raw)]
         modules.extend(_build(raw, match, shapes[_placed_prefix(raw)], source, reading.variant, configs))
     _check_duplicates(modules, source)
-    lora = LoRA(modules, reading.arch.name, _format_name(raw_modules, reading), source.metadata, source.path)
+    lora = LoRA(modules, reading.arch.name, format_name, source.metadata, source.path)
     lora.variant = reading.variant
     return lora
 
@@ -125,13 +132,26 @@ def _group(source: TensorSource) -> tuple[list[RawModule], list[str]]:
     return list(groups.values()), unplaced
 
 
-def _check_supported(raw: RawModule, source: TensorSource) -> None:
+def _refuse_foreign(source: TensorSource) -> None:
+    """Files of formats whose content has no ΔW (an architecture entry's ``foreign`` keys)."""
+    for spec in archs.registry().values():
+        for foreign in spec.foreign:
+            pattern = re.compile(foreign.pattern)
+            key = next((k for k in source.keys() if pattern.search(k)), None)
+            if key is not None:
+                raise UnsupportedModuleError(foreign.message.format(key=key), source.path)
+
+
+def _check_dora(raw: RawModule, source: TensorSource, arch_label: str, format_name: str) -> None:
     if "dora" in raw.roles:
         raise UnsupportedModuleError(
-            f"module {raw.prefix!r} is DoRA (magnitude vector {raw.roles['dora']!r}): its delta depends on "
-            "the base weight, so it has no fixed ΔW to merge; fuse it into a base model instead",
-            source.path,
+            f"module {raw.prefix!r} of this {arch_label} {format_name}-format file is DoRA (magnitude vector "
+            f"{raw.roles['dora']!r}): its delta depends on the base weight, so it has no fixed ΔW to merge; "
+            "fuse it into a base model instead", source.path,
         )
+
+
+def _check_supported(raw: RawModule, source: TensorSource) -> None:
     if "norm" in raw.roles:
         raise UnsupportedModuleError(
             f"module {raw.prefix!r} is a LyCORIS norm module (w_norm/b_norm), which has no low-rank form",
@@ -226,8 +246,11 @@ def _config_alpha(configs: dict[str, dict], component: str, name: str, rank: int
     if not config:
         return None
     alpha = config.get("lora_alpha")
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
+    if "_alpha_regexes" not in config:  # compiled once per file (hundreds of patterns × modules)
+        config["_alpha_regexes"] = [(re.compile(rf"(.*\.)?({pattern})$"), value)
+                                    for pattern, value in (config.get("alpha_pattern") or {}).items()]
+    for regex, value in config["_alpha_regexes"]:
+        if regex.match(name):
             alpha = value
             break
     if alpha is None:
@@ -317,9 +340,13 @@ def split_fused(module: LoraModule, target: Target, source: TensorSource) -> lis
     halves are put back in canonical order first.
     """
     up, down = module.factors()
+    bias = module.bias_delta()
     if target.swaps(up.shape[0], down.shape[1]):
         shift, scale = up.chunk(2, dim=0)
         up = torch.cat([scale, shift], dim=0)
+        if bias is not None:
+            shift, scale = bias.chunk(2, dim=0)
+            bias = torch.cat([scale, shift], dim=0)
     try:
         spans = target.rows(up.shape[0])
     except ValueError:
@@ -329,14 +356,17 @@ def split_fused(module: LoraModule, target: Target, source: TensorSource) -> lis
     members = []
     for name, (start, end) in zip(target.members, spans):
         rows = up[start:end]
+        part_bias = None if bias is None else bias[start:end].contiguous()
         keep = rows.abs().sum(dim=0) != 0
         if not bool(keep.any()):
-            continue
+            if part_bias is None or not bool(part_bias.any()):
+                continue
+            keep[0] = True  # a member with a bias delta only: one zero rank component carries it
         rows, part_down = rows[:, keep], down[keep]
         members.append(LoraModule.from_factors(
             module.component, name, rows.contiguous(), part_down.contiguous(),
             (rows.shape[0], *module.shape[1:]), module.scale * rows.shape[1], module.kind,
-            module.dtype, module.source,
+            module.dtype, module.source, part_bias,
         ))
     return members
 

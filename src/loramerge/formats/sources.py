@@ -24,6 +24,7 @@ class TensorSource:
     path: Path
     metadata: dict[str, str]
     extra_config: dict | None = None  # adapter_config.json of a PEFT folder
+    format: str | None = None  # the format's name when the source itself knows it (renamed keys)
 
     def keys(self) -> list[str]:
         raise NotImplementedError

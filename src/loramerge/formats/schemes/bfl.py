@@ -1,4 +1,5 @@
-"""Black Forest Labs' Flux.1 names (original checkpoints, kohya sd-scripts, ComfyUI) ↔ diffusers.
+"""Black Forest Labs' Flux.1 names (original checkpoints, kohya sd-scripts, ComfyUI) ↔ diffusers,
+and Chroma's (Flux.1's blocks without modulation Linears, plus its distilled guidance layer).
 
 BFL fuses projections: a double block's ``img_attn.qkv`` holds q, k, v stacked along the
 output rows; a single block's ``linear1`` holds q, k, v and the MLP input (rows 1:1:1:mlp_ratio).
@@ -58,4 +59,19 @@ def global_rules(guidance: bool = True) -> list[Rule]:
     return rules
 
 
+def approximator_rules() -> list[Rule]:
+    """Chroma's distilled guidance layer (the modulation approximator): MLP layers renamed."""
+    g = "distilled_guidance_layer."
+    return [
+        Rule(g + "in_proj", (g + "in_proj",)),
+        Rule(g + "out_proj", (g + "out_proj",)),
+        Rule(g + "layers.{i}.in_layer", (g + "layers.{i}.linear_1",)),
+        Rule(g + "layers.{i}.out_layer", (g + "layers.{i}.linear_2",)),
+    ]
+
+
 BFL = RuleScheme("bfl", double_block_rules() + single_block_rules() + global_rules())
+# Chroma has no modulation Linears (the key tables have none, so those rules never place) and
+# no final adaLN; names are otherwise Flux.1's.
+CHROMA = RuleScheme("bfl-chroma", double_block_rules() + single_block_rules() + global_rules(guidance=False)
+                    + approximator_rules())
