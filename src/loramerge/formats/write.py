@@ -27,7 +27,7 @@ import torch
 from ..version import __version__
 from ..errors import LoraMergeError, NonFiniteError, UsageError
 from ..lora import LoRA, LoraModule, all_finite
-from . import archs
+from . import archs, keymaps
 from .archs import Architecture, Naming
 from .safetensors_io import save_file
 from .schemes import Target, flatten
@@ -257,18 +257,39 @@ def _peft_target(name: str) -> str:
     return name.removeprefix("text_model.")
 
 
+def _suffixes(arch: str, component: str) -> frozenset[str]:
+    """Every proper dotted suffix of the component's module names ('proj_out' of
+    'single_transformer_blocks.0.proj_out')."""
+    out = set()
+    for variant in archs.spec(arch).variants:
+        for name in keymaps.table(variant).get(component, {}):
+            parts = name.split(".")
+            out.update(".".join(parts[i:]) for i in range(1, len(parts)))
+    return frozenset(out)
+
+
+def _peft_pattern(name: str, suffixes: frozenset[str]) -> str:
+    """A rank/alpha pattern key for one module. PEFT takes the first key matching as a dotted
+    suffix regex, so a name that ends another module's name (top-level 'proj_out' and the single
+    blocks' 'proj_out') is anchored: '^proj_out' matches only itself."""
+    target = _peft_target(name)
+    return f"^{target}" if target in suffixes else target
+
+
 def adapter_metadata(lora: LoRA) -> dict:
     """diffusers' ``lora_adapter_metadata``: a LoraConfig per component, keys prefixed. The
     factors hold every scale, so each module's alpha equals its rank."""
     flat = {}
     for component in lora.components:
         mods = [m for m in lora if m.component == component]
+        suffixes = _suffixes(lora.arch, component)
         r = collections.Counter(m.rank for m in mods).most_common(1)[0][0]
+        pattern = {_peft_pattern(m.name, suffixes): m.rank for m in mods if m.rank != r}
         config = {
             "r": r,
             "lora_alpha": r,
-            "rank_pattern": {_peft_target(m.name): m.rank for m in mods if m.rank != r},
-            "alpha_pattern": {_peft_target(m.name): m.rank for m in mods if m.rank != r},
+            "rank_pattern": pattern,
+            "alpha_pattern": dict(pattern),
             "target_modules": sorted(_peft_target(m.name) for m in mods),
             "use_dora": False,
             "use_rslora": False,
