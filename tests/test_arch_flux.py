@@ -15,6 +15,7 @@ import json
 import re
 import subprocess
 import sys
+import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -678,3 +679,295 @@ def test_diffusers_loads_a_ties_or_svd_merge_in_the_default_format(tmp_path, arc
     assert len(injected) == len(mods)
     skip = {"norm_out.linear"} if arch == "flux2" else set()  # the default comfyui format: diffusers' swap bug
     assert_fused(pipe, mods, want, skip)
+
+
+# --------------------------------------------------------------------------------------------
+# fuse (diffusers folder, single file), attach, extract
+
+def test_single_file_names_agree_with_diffusers_checkpoint_converters():
+    """The original-name tables of tiny_flux, turned into single files, convert back to the
+    model's exact state dict with diffusers' own converters (Flux.2, SD3, HiDream; Chroma's and
+    Flux.1's converters hard-code 3072 wide blocks: their names are checked at full size on meta)."""
+    from diffusers.loaders import single_file_utils as sfu
+
+    for arch, convert, prefix in (("flux2", sfu.convert_flux2_transformer_checkpoint_to_diffusers, ""),
+                                  ("sd3", sfu.convert_sd3_transformer_checkpoint_to_diffusers, "model.diffusion_model."),
+                                  ("hidream", sfu.convert_hidream_transformer_to_diffusers, "model.diffusion_model.")):
+        model = tf.pipeline(arch, guidance=True).transformer
+        back = convert(tf.single_file_state(arch, model, prefix))
+        ref = model.state_dict()
+        assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref), arch
+    for arch, variant, convert in (("chroma", "chroma", sfu.convert_chroma_transformer_checkpoint_to_diffusers),
+                                   ("flux", "flux", sfu.convert_flux_transformer_checkpoint_to_diffusers)):
+        config = dict(keymaps.configs()[variant]["transformer"])
+        model = keymaps.build_model(config, "meta")
+        sd = tf.single_file_state(arch, model)
+        for key in [k for k in sd if re.search(r"(norm_q|norm_k|norm_added_q|norm_added_k)\.weight$", k)]:
+            block = re.sub(r"^(single_)?transformer_blocks", lambda m: "single_blocks" if m.group(1) else "double_blocks", key)
+            stream = "img" if "added" not in key else "txt"
+            which = "query" if key.endswith(("norm_q.weight", "norm_added_q.weight")) else "key"
+            if block.startswith("double_blocks"):
+                sd[f"{block.split('.attn.')[0]}.{stream}_attn.norm.{which}_norm.scale"] = sd.pop(key)
+            else:
+                sd[f"{block.split('.attn.')[0]}.norm.{which}_norm.scale"] = sd.pop(key)
+        for key in [k for k in sd if ".norms." in k]:
+            sd[key.replace(".weight", ".scale")] = sd.pop(key)
+        back = convert(sd)
+        ref = model.state_dict()
+        assert {k: tuple(v.shape) for k, v in back.items() if k in ref} == {k: tuple(v.shape) for k, v in ref.items()
+                                                                             if k in back}, arch
+        linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+        assert linear <= set(back), (arch, sorted(linear - set(back))[:5])
+
+
+FUSE_ARCHS = ["flux2", "chroma", "sd3", "hidream"]
+SINGLE_PREFIX = {"flux2": "", "chroma": "model.diffusion_model.", "sd3": "model.diffusion_model.",
+                 "hidream": "model.diffusion_model."}
+
+
+def _expected_model(pipe, mods, want):
+    import copy
+
+    model = copy.deepcopy(pipe.transformer)
+    for (_, name), (target, _) in want.items():
+        model.get_submodule(name).weight.data = target.float()
+    return model
+
+
+@pytest.mark.parametrize("arch", FUSE_ARCHS)
+def test_fuse_into_a_diffusers_folder_and_a_single_file(tmp_path, arch):
+    from loramerge.fuse import fuse
+
+    pipe, mods, inputs, paths = client_inputs(arch, tmp_path)
+    want = tf.expected(mods, inputs, WEIGHTS)
+    pipe.save_pretrained(tmp_path / "pipe", safe_serialization=True)
+    fuse(tmp_path / "pipe", paths, tmp_path / "fused", weights=WEIGHTS)
+    sd = {k: v for f in (tmp_path / "fused" / "transformer").glob("*.safetensors") for k, v in load_file(str(f)).items()}
+    for (_, name), (target, delta) in want.items():
+        err = float((sd[f"{name}.weight"].double() - target).norm() / delta.norm())
+        assert err < 1e-5, (name, err)
+    base_sd = pipe.transformer.state_dict()
+    untouched = [k for k in base_sd if not k.endswith(".weight") or k[:-7] not in {n for _, n in mods}]
+    assert untouched and all(torch.equal(sd[k], base_sd[k]) for k in untouched)
+
+    prefix = SINGLE_PREFIX[arch]
+    save_file(tf.single_file_state(arch, pipe.transformer, prefix), str(tmp_path / "single.safetensors"))
+    fuse(tmp_path / "single.safetensors", paths, tmp_path / "fused.safetensors", weights=WEIGHTS)
+    got = load_file(str(tmp_path / "fused.safetensors"))
+    ref = tf.single_file_state(arch, _expected_model(pipe, mods, want), prefix)
+    base = tf.single_file_state(arch, pipe.transformer, prefix)
+    assert set(got) == set(ref)
+    changed = 0
+    for key in ref:
+        if torch.equal(base[key], ref[key]):
+            assert torch.equal(got[key], base[key]), key
+            continue
+        changed += 1
+        err = float((got[key].double() - ref[key].double()).norm() / (ref[key].double() - base[key].double()).norm())
+        assert err < 1e-5, (key, err)
+    assert changed == len(tf.groups(arch, [n for _, n in mods]))
+
+
+@pytest.mark.parametrize("arch", FUSE_ARCHS)
+def test_attach_to_a_pipeline_object(tmp_path, arch):
+    pipe, mods, inputs, paths = client_inputs(arch, tmp_path)
+    want = tf.expected(mods, inputs, WEIGHTS)
+    original = {k: m.weight.detach().clone() for k, m in mods.items()}
+    mix = loramerge.attach(pipe, {"a": paths[0], "b": paths[1]})
+    assert {lora.arch for lora in mix.loras.values()} == {arch}
+    mix.set_weights({"a": WEIGHTS[0], "b": WEIGHTS[1]})
+    mix.fuse(scale=1.0)
+    assert_fused(pipe, mods, want)
+    mix.unfuse()
+    assert all(torch.equal(m.weight, original[k]) for k, m in mods.items())
+    mix.detach()
+
+
+@pytest.mark.parametrize("arch", FUSE_ARCHS)
+def test_extract_from_two_single_files(tmp_path, arch):
+    from loramerge.extract import extract
+
+    pipe = tf.pipeline(arch, guidance=True)
+    prefix = SINGLE_PREFIX[arch]
+    base = tf.single_file_state(arch, pipe.transformer, prefix)
+    save_file(base, str(tmp_path / "base.safetensors"))
+    names = [n for _, n in tf.modules(pipe)]
+    fused = [o for o, ms in tf.groups(arch, names).items() if len(ms) > 1]
+    chosen = {(fused[0] if fused else names[0]), tf.original(arch, names[-1])[0]}
+    gen = torch.Generator().manual_seed(4)
+    tuned, truth = dict(base), {}
+    for orig in chosen:
+        key = f"{prefix}{orig}.weight"
+        w = base[key]
+        d = (torch.randn(w.shape[0], 2, generator=gen) @ torch.randn(2, w[0].numel(), generator=gen)).reshape(w.shape) * 0.1
+        tuned[key] = w + d
+        truth[orig] = tuned[key] - w
+    save_file(tuned, str(tmp_path / "tuned.safetensors"))
+    lora, report = extract(tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", rank=4)
+    assert lora.arch == arch
+    got = {}
+    for m in lora:
+        orig, position = tf.original(arch, m.name)
+        got.setdefault(orig, {})[position] = m.delta(torch.float64).reshape(m.shape[0], -1)
+    assert set(got) == chosen
+    for orig, parts in got.items():
+        t = truth[orig].double().reshape(truth[orig].shape[0], -1)
+        mine = torch.cat([parts[p] for p in sorted(parts)])
+        if tf.swapped(arch, orig, t.shape):
+            mine = tf.swap(mine)
+        assert mine.shape == t.shape and torch.allclose(mine, t, atol=1e-4 * float(t.abs().max())), orig
+
+
+# --------------------------------------------------------------------------------------------
+# cloneofsimo/lora (SD1.x/2.x): unnamed entries in a known module order
+
+def _cloneofsimo_modules(order="old", text_layers=12, width=768):
+    """The modules cloneofsimo's walk lists, written out here: UNet transformer blocks (down,
+    up, mid), each attn1 q k v out, GEGLU proj, attn2 q k v out ("new": attn2 before the GEGLU)."""
+    blocks = [f"down_blocks.{b}.attentions.{a}" for b in range(3) for a in range(2)]
+    blocks += [f"up_blocks.{b}.attentions.{a}" for b in range(1, 4) for a in range(3)] + ["mid_block.attentions.0"]
+    channels = {"down_blocks.0": 320, "down_blocks.1": 640, "down_blocks.2": 1280, "up_blocks.1": 1280,
+                "up_blocks.2": 640, "up_blocks.3": 320, "mid_block.attentions": 1280}
+    attn1 = ["attn1.to_q", "attn1.to_k", "attn1.to_v", "attn1.to_out.0"]
+    attn2 = [x.replace("attn1", "attn2") for x in attn1]
+    inner = attn1 + ["ff.net.0.proj"] + attn2 if order == "old" else attn1 + attn2 + ["ff.net.0.proj"]
+    unet = []
+    for block in blocks:
+        c = next(v for k, v in channels.items() if block.startswith(k))
+        for x in inner:
+            shape = (8 * c, c) if x.startswith("ff") else (c, width) if x in ("attn2.to_k", "attn2.to_v") else (c, c)
+            unet.append((f"{block}.transformer_blocks.0.{x}", shape))
+    text = [(f"text_model.encoder.layers.{i}.self_attn.{p}_proj", (width, width))
+            for i in range(text_layers) for p in ("k", "v", "q", "out")]
+    return unet, text
+
+
+def test_cloneofsimo_safeloras_and_pt_lists_are_read_in_their_module_order(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    unet, text = _cloneofsimo_modules()
+    tensors, meta, truth = {}, {"unet": json.dumps(["CrossAttention", "Attention", "GEGLU"]),
+                                "text_encoder": json.dumps(["CLIPAttention"])}, {}
+    for model, mods in (("unet", unet), ("text_encoder", text)):
+        for i, (name, (out, inp)) in enumerate(mods):
+            r = 1 + i % 4
+            up, down = torch.randn(out, r, generator=gen).half(), torch.randn(r, inp, generator=gen).half()
+            tensors[f"{model}:{i}:up"], tensors[f"{model}:{i}:down"] = up, down
+            meta[f"{model}:{i}:rank"] = str(r)
+            truth[f"{model}.{name}"] = (up, down)
+    save_file(tensors, str(tmp_path / "lora.safetensors"), metadata=meta)
+    lora = loramerge.load(tmp_path / "lora.safetensors")
+    assert (lora.arch, lora.format, len(lora)) == ("sd1", "cloneofsimo", 144 + 48)
+    for key, (up, down) in truth.items():
+        assert torch.equal(lora[key].delta(), (up.float() @ down.float()).reshape(lora[key].shape)), key  # scale 1
+    # the .pt list: [up0, down0, up1, down1, …], the text encoder in <name>.text_encoder.pt
+    torch.save([t for i in range(144) for t in (tensors[f"unet:{i}:up"], tensors[f"unet:{i}:down"])], tmp_path / "l.pt")
+    torch.save([t for i in range(48) for t in (tensors[f"text_encoder:{i}:up"], tensors[f"text_encoder:{i}:down"])],
+               tmp_path / "l.text_encoder.pt")
+    assert {m.key for m in loramerge.load(tmp_path / "l.pt")} == {k for k in truth if k.startswith("unet.")}
+    assert {m.key for m in loramerge.load(tmp_path / "l.text_encoder.pt")} == {k for k in truth if k.startswith("text_")}
+    # trained with a later diffusers (attn2 registered before ff): told apart by shapes; SD2 by widths
+    for order, layers, width, arch in (("new", 12, 768, "sd1"), ("old", 23, 1024, "sd2")):
+        unet, text = _cloneofsimo_modules(order, layers, width)
+        sd = {}
+        for model, mods in (("unet", unet), ("text_encoder", text)):
+            for i, (name, (out, inp)) in enumerate(mods):
+                sd[f"{model}:{i}:up"], sd[f"{model}:{i}:down"] = torch.randn(out, 1), torch.randn(1, inp)
+        save_file(sd, str(tmp_path / f"{order}{layers}.safetensors"))
+        got = loramerge.load(tmp_path / f"{order}{layers}.safetensors")
+        assert got.arch == arch and {m.name for m in got} == {n for n, _ in unet + text}
+        assert got["unet.down_blocks.0.attentions.0.transformer_blocks.0.ff.net.0.proj"].shape == (2560, 320)
+    # what cannot be placed is refused, naming the format
+    meta["unet"] = json.dumps(["CrossAttention", "Attention", "GEGLU", "ResnetBlock2D"])
+    save_file(tensors, str(tmp_path / "ext.safetensors"), metadata=meta)
+    with pytest.raises(UnsupportedModuleError, match="cloneofsimo lora format: unet targets .*ResnetBlock2D"):
+        loramerge.load(tmp_path / "ext.safetensors")
+    save_file({k: v for k, v in tensors.items() if not k.startswith("unet:143:")}, str(tmp_path / "short.safetensors"))
+    with pytest.raises(loramerge.LoraMergeError, match="cloneofsimo lora format: its 143 unnamed unet entries fit no"):
+        loramerge.load(tmp_path / "short.safetensors")
+    save_file({**tensors, "<s1>": torch.randn(768)}, str(tmp_path / "ti.safetensors"))
+    with pytest.raises(UnsupportedModuleError, match="cloneofsimo lora format: '<s1>'"):
+        loramerge.load(tmp_path / "ti.safetensors")
+
+
+# --------------------------------------------------------------------------------------------
+# per-block weights, conversions between written formats, inspect / analyze
+
+@pytest.mark.parametrize("arch, spec, expect, past", [
+    ("flux2", {"double": {"0-3": 0.5}, "single": {"40-47": 0.8}},
+     {"transformer_blocks.2.attn.to_q": ("double.2", 0.5), "single_transformer_blocks.45.attn.to_out": ("single.45", 0.8),
+      "single_transformer_blocks.3.attn.to_qkv_mlp_proj": ("single.3", 1.0), "double_stream_modulation_img.linear": (None, 1.0)},
+     {"single": {"48": 1}}),
+    ("chroma", {"double": 0.25, "single": [0, 1]},
+     {"transformer_blocks.18.ff.net.2": ("double.18", 0.25), "single_transformer_blocks.1.proj_mlp": ("single.1", 1.0),
+      "single_transformer_blocks.0.proj_out": ("single.0", 0.0), "distilled_guidance_layer.layers.4.linear_1": (None, 1.0)},
+     {"double": {"19": 1}}),
+    ("hidream", {"double": {"15": 0.3}, "single": {"0-31": 0.6}},
+     {"double_stream_blocks.15.block.ff_i.experts.3.w2": ("double.15", 0.3),
+      "single_stream_blocks.31.block.attn1.to_out": ("single.31", 0.6), "caption_projection.48.linear": (None, 1.0)},
+     {"double": {"16": 1}}),
+    ("sd3", {"joint": {"37": 0.1}},
+     {"transformer_blocks.37.norm1_context.linear": ("joint.37", 0.1), "transformer_blocks.0.attn2.to_q": ("joint.0", 1.0)},
+     {"joint": {"38": 1}}),
+])
+def test_block_weights_name_real_blocks_and_refuse_blocks_past_the_model(arch, spec, expect, past):
+    bw = parse_block_weights({"transformer": spec}, arch)
+    for name, (block, weight) in expect.items():
+        module = loramerge.LoraModule.from_factors("transformer", name, torch.zeros(2, 1), torch.zeros(1, 2), (2, 2))
+        assert block_id(arch, module) == block and bw.weight_for(module) == weight, name
+    with pytest.raises(UsageError, match=rf"{re.escape(archs.spec(arch).label)} has \d+ \w+ blocks"):
+        parse_block_weights({"transformer": past}, arch)
+
+
+def _subset(variant, keep):
+    mods = {k: m for k, m in meta_modules(variant).items() if keep(k[1])}
+    arch = archs.variant_arch(variant).name
+    return mods, tf.random_factors(mods, 9, ranks=(1, 2, 3), alphas=(1.0, None, 6.0),
+                                   fused_groups=tf.groups(arch if arch != "hidream" else "hidream", [n for _, n in mods]))
+
+
+ROUND_TRIP = {
+    "flux2": ("flux2-klein-4b", lambda n: not re.search(r"blocks\.([1-9]|\d\d)\.", n)),
+    "chroma": ("chroma", lambda n: not re.search(r"blocks\.([1-9]|\d\d)\.", n) and ".layers.1" not in n),
+    "sd3": ("sd3.5-medium", lambda n: re.search(r"blocks\.(0|23)\.", n) or not n.startswith("transformer_blocks")),
+    "hidream": ("hidream-i1", lambda n: not re.search(r"blocks\.([1-9]|\d\d)\.", n) and "projection.4" not in n),
+    "flux": ("flux", lambda n: not re.search(r"blocks\.([1-9]|\d\d)\.", n)),
+}
+
+
+@pytest.mark.parametrize("arch", list(ROUND_TRIP))
+def test_convert_between_every_pair_of_written_formats(tmp_path, arch):
+    variant, keep = ROUND_TRIP[arch]
+    mods, factors = _subset(variant, keep)
+    tf.write_diffusers(tmp_path / "src.safetensors", factors)
+    source = loramerge.load(tmp_path / "src.safetensors", arch=arch)
+    assert {m.name for m in source} == {n for _, n in mods}
+    gen = torch.Generator().manual_seed(0)
+    probes = {m.key: torch.randn(m.in_features, generator=gen, dtype=torch.float64) for m in source}
+    want = {k: probe(source[k], x) for k, x in probes.items()}
+    formats = list(archs.spec(arch).formats)
+    for first, second in itertools.product(formats, formats):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the client notes (tested above)
+            loramerge.save(source, tmp_path / "one.safetensors", format=first)
+            one = loramerge.load(tmp_path / "one.safetensors")
+            loramerge.save(one, tmp_path / "two.safetensors", format=second)
+        two = loramerge.load(tmp_path / "two.safetensors")
+        assert (one.arch, two.arch, one.format, two.format) == (arch, arch, first, second)
+        assert set(two.modules) == set(want)
+        for key, x in probes.items():
+            assert torch.allclose(probe(two[key], x), want[key], atol=1e-5 * float(want[key].abs().max())), (first, second, key)
+
+
+def test_inspect_and_analyze_run(tmp_path):
+    pipe, mods, inputs, paths = client_inputs("flux2", tmp_path)
+    from typer.testing import CliRunner
+
+    from loramerge.cli import app
+
+    result = CliRunner().invoke(app, ["inspect", str(paths[0])])
+    assert result.exit_code == 0, result.output
+    assert "flux2 (Flux.2)" in result.output and "transformer_blocks.1" in result.output
+    result = CliRunner().invoke(app, ["analyze", str(paths[0]), str(paths[1]), "--out", str(tmp_path / "an")])
+    assert result.exit_code == 0, result.output
+    result = json.loads((tmp_path / "an" / "analysis.json").read_text())
+    assert {"transformer.transformer_blocks.1", "transformer.single_transformer_blocks.1"} <= set(result["blocks"])
