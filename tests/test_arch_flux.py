@@ -173,7 +173,7 @@ def test_flux2_lokr_on_fused_qkv_splits_exactly_by_rows(tmp_path):
     shapes = [(o, (sum(mods[("transformer", m)].weight.shape[0] for m in ms), mods[("transformer", ms[0])].weight.shape[1]))
               for o, ms in sorted(members.items())]
     tensors = _lokr_file(tmp_path / "lokr.safetensors", shapes, (4.0, None), "diffusion_model.", flat=False)
-    lora = loramerge.load(tmp_path / "lokr.safetensors", arch="flux2")
+    lora = loramerge.load(tmp_path / "lokr.safetensors")  # klein-4b by its shapes (img_in 128, SwiGLU)
     theirs = Flux2KleinPipeline.lora_state_dict(str(tmp_path / "lokr.safetensors"))
     fused_name = {"double_blocks.0.img_attn.qkv": "transformer_blocks.0.attn.to_qkv",
                   "double_blocks.0.txt_attn.qkv": "transformer_blocks.0.attn.to_added_qkv"}
@@ -192,7 +192,7 @@ def test_flux2_lokr_on_fused_qkv_splits_exactly_by_rows(tmp_path):
     block = [(n, tuple(mods[("transformer", n)].weight.shape)) for _, n in mods
              if n.startswith(("transformer_blocks.1.", "single_transformer_blocks.1."))]
     _lokr_file(tmp_path / "lyco.safetensors", block, (2.0, 8.0), "lycoris_", flat=True)
-    lyco = loramerge.load(tmp_path / "lyco.safetensors", arch="flux2")
+    lyco = loramerge.load(tmp_path / "lyco.safetensors")
     assert lyco.format == "lycoris"
     theirs = Flux2KleinPipeline.lora_state_dict(str(tmp_path / "lyco.safetensors"))
     assert names_of(theirs, suffix=".lokr_w1") == {m.name for m in lyco} == {n for n, _ in block}
@@ -475,7 +475,7 @@ def test_flux1_lokr_with_bfl_names(tmp_path):
     for prefix, flat in (("diffusion_model.", False), ("lora_unet_", True)):
         path = tmp_path / f"lokr{prefix}safetensors"
         tensors = _lokr_file(path, shapes, (4.0, None), prefix, flat=flat)
-        lora = loramerge.load(path, arch="flux")
+        lora = loramerge.load(path)  # Flux.1 by its modulation Linears
         assert lora.format == "lycoris" and {m.name for m in lora} == {m for ms in chosen.values() for m in ms}
         gen = torch.Generator().manual_seed(2)
         for i, (orig, ms) in enumerate(sorted(chosen.items())):

@@ -91,7 +91,7 @@ def test_different_architectures(tmp_path):
     a = kohya(tmp_path / "a.safetensors")
     n = "transformer.single_transformer_blocks.0.attn.to_q"
     save_file({f"{n}.lora_A.weight": torch.zeros(2, 3072), f"{n}.lora_B.weight": torch.zeros(3072, 2)},
-              str(tmp_path / "flux.safetensors"))
+              str(tmp_path / "flux.safetensors"), metadata={"ss_base_model_version": "flux1"})
     code, _, err = run("merge", a, tmp_path / "flux.safetensors", "-o", tmp_path / "out.safetensors")
     assert_refused(tmp_path, code, err, "flux.safetensors", "flux", "sd1")
 

@@ -16,6 +16,7 @@ checked for finiteness after the cast.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import math
 import re
@@ -257,23 +258,25 @@ def _peft_target(name: str) -> str:
     return name.removeprefix("text_model.")
 
 
-def _suffixes(arch: str, component: str) -> frozenset[str]:
-    """Every proper dotted suffix of the component's module names ('proj_out' of
-    'single_transformer_blocks.0.proj_out')."""
-    out = set()
+@functools.cache
+def _suffix_owners(arch: str, component: str) -> dict[str, frozenset[str]]:
+    """Every proper dotted suffix of the component's module names → the names ending in it
+    ('proj_out' → the single blocks' 'single_transformer_blocks.N.proj_out')."""
+    owners: dict[str, set[str]] = collections.defaultdict(set)
     for variant in archs.spec(arch).variants:
         for name in keymaps.table(variant).get(component, {}):
             parts = name.split(".")
-            out.update(".".join(parts[i:]) for i in range(1, len(parts)))
-    return frozenset(out)
+            for i in range(1, len(parts)):
+                owners[".".join(parts[i:])].add(name)
+    return {k: frozenset(v) for k, v in owners.items()}
 
 
-def _peft_pattern(name: str, suffixes: frozenset[str]) -> str:
+def _peft_pattern(name: str, owners: dict[str, frozenset[str]]) -> str:
     """A rank/alpha pattern key for one module. PEFT takes the first key matching as a dotted
     suffix regex, so a name that ends another module's name (top-level 'proj_out' and the single
     blocks' 'proj_out') is anchored: '^proj_out' matches only itself."""
     target = _peft_target(name)
-    return f"^{target}" if target in suffixes else target
+    return f"^{target}" if owners.get(target, frozenset()) - {name} else target
 
 
 def adapter_metadata(lora: LoRA) -> dict:
@@ -282,9 +285,9 @@ def adapter_metadata(lora: LoRA) -> dict:
     flat = {}
     for component in lora.components:
         mods = [m for m in lora if m.component == component]
-        suffixes = _suffixes(lora.arch, component)
+        owners = _suffix_owners(lora.arch, component)
         r = collections.Counter(m.rank for m in mods).most_common(1)[0][0]
-        pattern = {_peft_pattern(m.name, suffixes): m.rank for m in mods if m.rank != r}
+        pattern = {_peft_pattern(m.name, owners): m.rank for m in mods if m.rank != r}
         config = {
             "r": r,
             "lora_alpha": r,
