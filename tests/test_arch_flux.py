@@ -10,6 +10,7 @@ computed here from the input tensors. Known diffusers bugs are pinned.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import re
@@ -619,7 +620,7 @@ def test_diffusers_loads_and_fuses_the_linear_merge(tmp_path, arch, out_format):
     merged = loramerge.merge([la, lb], weights=WEIGHTS, method="linear")
     assert {m.name for m in merged} == {n for _, n in mods}
     noted = [n for n in archs.spec(arch).notes if n.format == out_format and any(re.search(n.pattern, m.key) for m in merged)]
-    with pytest.warns(UserWarning, match="diffusers 0.42") if noted else _nothing():  # the writer names client gaps
+    with pytest.warns(UserWarning, match="diffusers 0.42") if noted else contextlib.nullcontext():  # the writer names client gaps
         loramerge.save(merged, tmp_path / "m.safetensors", format=out_format)
     assert bool(noted) == (out_format != "diffusers" and arch != "hidream")
     want = tf.expected(mods, inputs, WEIGHTS)
@@ -652,14 +653,6 @@ def test_diffusers_loads_and_fuses_the_linear_merge(tmp_path, arch, out_format):
         assert torch.allclose(got, base + tf.swap(delta), atol=1e-5) and not torch.allclose(got, want[key][0], atol=1e-3)
         skip = {"norm_out.linear"}
     assert_fused(pipe, mods, want, skip)
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.mark.parametrize("arch, method", [("flux2", "ties"), ("chroma", "svd"), ("sd3", "ties"), ("hidream", "svd")])
@@ -699,25 +692,9 @@ def test_single_file_names_agree_with_diffusers_checkpoint_converters():
         assert set(back) == set(ref) and all(torch.equal(back[k], ref[k]) for k in ref), arch
     for arch, variant, convert in (("chroma", "chroma", sfu.convert_chroma_transformer_checkpoint_to_diffusers),
                                    ("flux", "flux", sfu.convert_flux_transformer_checkpoint_to_diffusers)):
-        config = dict(keymaps.configs()[variant]["transformer"])
-        model = keymaps.build_model(config, "meta")
-        sd = tf.single_file_state(arch, model)
-        for key in [k for k in sd if re.search(r"(norm_q|norm_k|norm_added_q|norm_added_k)\.weight$", k)]:
-            block = re.sub(r"^(single_)?transformer_blocks", lambda m: "single_blocks" if m.group(1) else "double_blocks", key)
-            stream = "img" if "added" not in key else "txt"
-            which = "query" if key.endswith(("norm_q.weight", "norm_added_q.weight")) else "key"
-            if block.startswith("double_blocks"):
-                sd[f"{block.split('.attn.')[0]}.{stream}_attn.norm.{which}_norm.scale"] = sd.pop(key)
-            else:
-                sd[f"{block.split('.attn.')[0]}.norm.{which}_norm.scale"] = sd.pop(key)
-        for key in [k for k in sd if ".norms." in k]:
-            sd[key.replace(".weight", ".scale")] = sd.pop(key)
-        back = convert(sd)
-        ref = model.state_dict()
-        assert {k: tuple(v.shape) for k, v in back.items() if k in ref} == {k: tuple(v.shape) for k, v in ref.items()
-                                                                             if k in back}, arch
-        linear = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-        assert linear <= set(back), (arch, sorted(linear - set(back))[:5])
+        model = keymaps.build_model(keymaps.configs()[variant]["transformer"], "meta")
+        back = convert(tf.single_file_state(arch, model))
+        assert {k: tuple(v.shape) for k, v in back.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 
 FUSE_ARCHS = ["flux2", "chroma", "sd3", "hidream"]

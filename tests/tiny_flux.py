@@ -309,15 +309,18 @@ def expected(mods: dict, inputs: list[dict], weights) -> dict:
 # --------------------------------------------------------------------------------------------
 # single-file checkpoints in original names, from a tiny transformer
 
-NORMS = {  # non-Linear parameters of the tiny models, in original names (for diffusers' converters)
-    "flux2": [
-        (_T + r"attn\.norm_q\.weight", r"double_blocks.\1.img_attn.norm.query_norm.scale"),
-        (_T + r"attn\.norm_k\.weight", r"double_blocks.\1.img_attn.norm.key_norm.scale"),
-        (_T + r"attn\.norm_added_q\.weight", r"double_blocks.\1.txt_attn.norm.query_norm.scale"),
-        (_T + r"attn\.norm_added_k\.weight", r"double_blocks.\1.txt_attn.norm.key_norm.scale"),
-        (_S + r"attn\.norm_q\.weight", r"single_blocks.\1.norm.query_norm.scale"),
-        (_S + r"attn\.norm_k\.weight", r"single_blocks.\1.norm.key_norm.scale"),
-    ],
+_BFL_NORMS = [
+    (_T + r"attn\.norm_q\.weight", r"double_blocks.\1.img_attn.norm.query_norm.scale"),
+    (_T + r"attn\.norm_k\.weight", r"double_blocks.\1.img_attn.norm.key_norm.scale"),
+    (_T + r"attn\.norm_added_q\.weight", r"double_blocks.\1.txt_attn.norm.query_norm.scale"),
+    (_T + r"attn\.norm_added_k\.weight", r"double_blocks.\1.txt_attn.norm.key_norm.scale"),
+    (_S + r"attn\.norm_q\.weight", r"single_blocks.\1.norm.query_norm.scale"),
+    (_S + r"attn\.norm_k\.weight", r"single_blocks.\1.norm.key_norm.scale"),
+]
+NORMS = {  # non-Linear parameters in original names (for diffusers' converters)
+    "flux2": _BFL_NORMS,
+    "flux": _BFL_NORMS,
+    "chroma": _BFL_NORMS + [(rf"distilled_guidance_layer\.norms\.{_I}\.weight", r"distilled_guidance_layer.norms.\1.scale")],
     "sd3": [
         (r"pos_embed\.pos_embed", "pos_embed"),
         (_T + r"attn\.norm_q\.weight", _J + "x_block.attn.ln_q.weight"),
