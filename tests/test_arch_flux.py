@@ -14,8 +14,6 @@ import contextlib
 import itertools
 import json
 import re
-import subprocess
-import sys
 import warnings
 from types import SimpleNamespace
 
@@ -261,8 +259,6 @@ def test_chroma_ai_toolkit_is_read_though_diffusers_loads_nothing(tmp_path):
 
 
 def test_flux1_chroma_and_klein_are_told_apart_by_keys_shapes_or_header(tmp_path):
-    from diffusers import ChromaPipeline  # noqa: F401  (the pipelines exist)
-
     def file(name, keys, metadata=None):
         gen = torch.Generator().manual_seed(0)
         sd = {}

@@ -249,21 +249,29 @@ def write_original(path, arch: str, factors: dict, prefix: str, style: str, dtyp
     names = [n for c, n in factors if c == "transformer"]
     for orig, members in groups(arch, names).items():
         ups = [factors[("transformer", m)][0] for m in members]
-        up0, down, alpha = factors[("transformer", members[0])]
+        _, down, alpha = factors[("transformer", members[0])]
         if len(members) > 1:
             assert all(torch.equal(factors[("transformer", m)][1], down) for m in members), orig
         up = torch.cat(ups, dim=0)
         if swapped(arch, orig, (up.shape[0], down[0].numel())):
             up = swap(up)
-        key = prefix + (orig.replace(".", "_") if flat else orig)
-        if style == "kohya":
-            sd[f"{key}.lora_down.weight"] = down.to(dtype)
-            sd[f"{key}.lora_up.weight"] = up.to(dtype)
-            if alpha is not None:
-                sd[f"{key}.alpha"] = torch.tensor(float(alpha))
-        else:
-            sd[f"{key}.lora_A.weight"] = down.to(dtype)
-            sd[f"{key}.lora_B.weight"] = (up.double() * _scale(up, down, alpha)).to(dtype)
+        _put(sd, prefix + (orig.replace(".", "_") if flat else orig), up, down, alpha, style, dtype)
+    return _save(sd, path, metadata)
+
+
+def _put(sd: dict, key: str, up, down, alpha, style: str, dtype) -> None:
+    """One module's keys: kohya keeps the alpha, peft (ai-toolkit) folds the scale into lora_B."""
+    if style == "kohya":
+        sd[f"{key}.lora_down.weight"] = down.to(dtype)
+        sd[f"{key}.lora_up.weight"] = up.to(dtype)
+        if alpha is not None:
+            sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+    else:
+        sd[f"{key}.lora_A.weight"] = down.to(dtype)
+        sd[f"{key}.lora_B.weight"] = (up.double() * _scale(up, down, alpha)).to(dtype)
+
+
+def _save(sd: dict, path, metadata) -> dict:
     save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(path), metadata=metadata)
     return sd
 
@@ -274,17 +282,8 @@ def write_diffusers_style(path, factors: dict, prefix: str, style: str, dtype=to
     sd = {}
     flat = prefix.endswith("_")
     for (component, name), (up, down, alpha) in factors.items():
-        key = prefix + (name.replace(".", "_") if flat else name)
-        if style == "kohya":
-            sd[f"{key}.lora_down.weight"] = down.to(dtype)
-            sd[f"{key}.lora_up.weight"] = up.to(dtype)
-            if alpha is not None:
-                sd[f"{key}.alpha"] = torch.tensor(float(alpha))
-        else:
-            sd[f"{key}.lora_A.weight"] = down.to(dtype)
-            sd[f"{key}.lora_B.weight"] = (up.double() * _scale(up, down, alpha)).to(dtype)
-    save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(path), metadata=metadata)
-    return sd
+        _put(sd, prefix + (name.replace(".", "_") if flat else name), up, down, alpha, style, dtype)
+    return _save(sd, path, metadata)
 
 
 def delta64(up, down, alpha, shape) -> torch.Tensor:

@@ -9,8 +9,9 @@ reported as ambiguous.
 from ..blockgrammar import TransformerBlocks
 from ..schemes.bfl import CHROMA
 from ..schemes.diffusers import DIFFUSERS, HF_TEXT
-from . import Architecture, Identity, Naming, Note
-from ._common import T5_XXL, dit_denoiser, kohya, peft, text_encoder
+from . import Architecture, Identity, Note
+from ._common import T5_XXL, kohya, peft, text_encoder
+from .flux import bfl_denoiser
 
 TRANSFORMER = {"_class_name": "ChromaTransformer2DModel", "patch_size": 1, "in_channels": 64, "out_channels": None,
                "num_layers": 19, "num_single_layers": 38, "attention_head_dim": 128, "num_attention_heads": 24,
@@ -22,11 +23,7 @@ ARCH = Architecture(
     label="Chroma",
     denoiser="transformer",
     components=(
-        dit_denoiser(CHROMA, extra=(
-            Naming("lora_transformer_", DIFFUSERS, flat=True, label="onetrainer"),
-            Naming("lycoris_", DIFFUSERS, flat=True, label="lycoris"),
-            peft("", CHROMA, "bfl"),
-        )),
+        bfl_denoiser(CHROMA),
         # T5: sd-scripts lora_te3_, OneTrainer lora_te_, ComfyUI (T5-only model) lora_te1_
         text_encoder("text_encoder", ("lora_te1_", "lora_te3_", "lora_te_"), "text_encoders.t5xxl.transformer."),
     ),

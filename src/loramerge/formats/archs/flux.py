@@ -25,18 +25,24 @@ BFL_CONTROL = ("BFL Flux control LoRA (FLUX.1-Depth/Canny-dev-lora): {key} is an
                "model; neither has a ΔW on FLUX.1, so the file cannot be merged (fuse it with diffusers' "
                "FluxControlPipeline instead)")
 
+def bfl_denoiser(scheme, *extra: Naming):
+    """A Flux.1-style transformer (Flux.1, Chroma): kohya/ComfyUI/original BFL names, diffusers
+    names, OneTrainer's LEGACY ``lora_transformer_`` and LyCORIS's ``lycoris_`` with flattened
+    diffusers names, and bare BFL names (BFL's own, fal's ``base_model.model.``)."""
+    return dit_denoiser(scheme, extra=(
+        Naming("lora_transformer_", DIFFUSERS, flat=True, label="onetrainer"),
+        Naming("lycoris_", DIFFUSERS, flat=True, label="lycoris"),
+        peft("", scheme, "bfl"),
+        *extra,
+    ))
+
+
 ARCH = Architecture(
     name="flux",
     label="Flux.1",
     denoiser="transformer",
     components=(
-        dit_denoiser(BFL, extra=(
-            Naming("lora_transformer_", DIFFUSERS, flat=True, label="onetrainer"),
-            Naming("lycoris_", DIFFUSERS, flat=True, label="lycoris"),
-            peft("", BFL, "bfl"),
-            peft("diffusion_model.", XLABS, "xlabs"),
-            peft("", XLABS, "xlabs"),
-        )),
+        bfl_denoiser(BFL, peft("diffusion_model.", XLABS, "xlabs"), peft("", XLABS, "xlabs")),
         text_encoder("text_encoder", ("lora_te1_",), "text_encoders.clip_l.transformer."),
         # T5: sd-scripts lora_te3_, OneTrainer's mixture lora_te2_
         text_encoder("text_encoder_2", ("lora_te3_", "lora_te2_"), "text_encoders.t5xxl.transformer."),

@@ -16,15 +16,21 @@ _SINGLE = "single_blocks.{i}."
 _S = "single_transformer_blocks.{i}."
 
 
-def double_block_rules() -> list[Rule]:
+def double_attention_rules() -> list[Rule]:
+    """A double block's fused q, k, v and output projections (Flux.1, Chroma and Flux.2 alike)."""
     return [
         Rule(_DOUBLE + "img_attn.qkv", (_T + "attn.to_q", _T + "attn.to_k", _T + "attn.to_v")),
         Rule(_DOUBLE + "img_attn.proj", (_T + "attn.to_out.0",)),
+        Rule(_DOUBLE + "txt_attn.qkv", (_T + "attn.add_q_proj", _T + "attn.add_k_proj", _T + "attn.add_v_proj")),
+        Rule(_DOUBLE + "txt_attn.proj", (_T + "attn.to_add_out",)),
+    ]
+
+
+def double_block_rules() -> list[Rule]:
+    return double_attention_rules() + [
         Rule(_DOUBLE + "img_mlp.0", (_T + "ff.net.0.proj",)),
         Rule(_DOUBLE + "img_mlp.2", (_T + "ff.net.2",)),
         Rule(_DOUBLE + "img_mod.lin", (_T + "norm1.linear",)),
-        Rule(_DOUBLE + "txt_attn.qkv", (_T + "attn.add_q_proj", _T + "attn.add_k_proj", _T + "attn.add_v_proj")),
-        Rule(_DOUBLE + "txt_attn.proj", (_T + "attn.to_add_out",)),
         Rule(_DOUBLE + "txt_mlp.0", (_T + "ff_context.net.0.proj",)),
         Rule(_DOUBLE + "txt_mlp.2", (_T + "ff_context.net.2",)),
         Rule(_DOUBLE + "txt_mod.lin", (_T + "norm1_context.linear",)),

@@ -11,23 +11,19 @@ diffusers' ``norm_out.linear`` emits (scale, shift).
 from __future__ import annotations
 
 from . import Rule, RuleScheme
+from .bfl import double_attention_rules
 
 _D = "double_blocks.{i}."
 _T = "transformer_blocks.{i}."
-_S = "single_blocks.{i}."
 _ST = "single_transformer_blocks.{i}."
 
-FLUX2 = RuleScheme("bfl-flux2", [
-    Rule(_D + "img_attn.qkv", (_T + "attn.to_q", _T + "attn.to_k", _T + "attn.to_v")),
-    Rule(_D + "img_attn.proj", (_T + "attn.to_out.0",)),
+FLUX2 = RuleScheme("bfl-flux2", double_attention_rules() + [
     Rule(_D + "img_mlp.0", (_T + "ff.linear_in",)),
     Rule(_D + "img_mlp.2", (_T + "ff.linear_out",)),
-    Rule(_D + "txt_attn.qkv", (_T + "attn.add_q_proj", _T + "attn.add_k_proj", _T + "attn.add_v_proj")),
-    Rule(_D + "txt_attn.proj", (_T + "attn.to_add_out",)),
     Rule(_D + "txt_mlp.0", (_T + "ff_context.linear_in",)),
     Rule(_D + "txt_mlp.2", (_T + "ff_context.linear_out",)),
-    Rule(_S + "linear1", (_ST + "attn.to_qkv_mlp_proj",)),
-    Rule(_S + "linear2", (_ST + "attn.to_out",)),
+    Rule("single_blocks.{i}.linear1", (_ST + "attn.to_qkv_mlp_proj",)),
+    Rule("single_blocks.{i}.linear2", (_ST + "attn.to_out",)),
     Rule("img_in", ("x_embedder",)),
     Rule("txt_in", ("context_embedder",)),
     Rule("time_in.in_layer", ("time_guidance_embed.timestep_embedder.linear_1",)),
