@@ -200,6 +200,11 @@ def test_flux2_lokr_on_fused_qkv_splits_exactly_by_rows(tmp_path):
         x = torch.randn(shape[1], generator=gen, dtype=torch.float64)
         want = tf.lokr_apply(t, x)
         assert torch.allclose(probe(lyco[f"transformer.{name}"], x), want, atol=1e-6 * float(want.abs().max())), name
+    # bare dotted diffusers names (SimpleTuner exports): diffusers' generic LoKr converter
+    _lokr_file(tmp_path / "bare.safetensors", block, (2.0, 8.0), "", flat=False)
+    bare = loramerge.load(tmp_path / "bare.safetensors")
+    theirs = Flux2KleinPipeline.lora_state_dict(str(tmp_path / "bare.safetensors"))
+    assert names_of(theirs, suffix=".lokr_w1") == {m.name for m in bare} == {n for n, _ in block}
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,6 +356,13 @@ def test_sd3_split_qkv_onetrainer_lycoris_and_diffusers_names(tmp_path):
         want = 3.0 / rows * (up.double() @ (down.double() @ x))
         assert lora[f"transformer.{name}"].rank == down.shape[0]
         assert torch.allclose(probe(lora[f"transformer.{name}"], x), want, atol=1e-5 * float(want.abs().max())), name
+    # ComfyUI's own files: MMDiT names under diffusion_model. (fused qkv, scale folded)
+    tf.write_original(tmp_path / "comfy.safetensors", "sd3", {("transformer", n): f for (_, n), f in
+                      tf.random_factors(mods, 6, fused_groups=tf.groups("sd3", [n for _, n in mods])).items()},
+                      "diffusion_model.", "peft", metadata={"modelspec.architecture": "stable-diffusion-3-5-medium/lora"})
+    comfy = loramerge.load(tmp_path / "comfy.safetensors")
+    assert (comfy.arch, comfy.variant, comfy.format) == ("sd3", "sd3.5-medium", "comfyui") and len(comfy) == len(mods)
+    assert not names_of(StableDiffusion3Pipeline.lora_state_dict(str(tmp_path / "comfy.safetensors")))
     for prefix, style, label in (("lora_transformer_", "kohya", "onetrainer"), ("lycoris_", "kohya", "lycoris"),
                                  ("transformer.", "peft", "diffusers"), ("base_model.model.", "peft", "diffusers")):
         path = tmp_path / f"{label}{prefix}safetensors"
@@ -511,9 +523,22 @@ def test_flux1_bfl_control_lora_is_refused_and_its_bias_deltas_read(tmp_path):
     lora = loramerge.load(tmp_path / "bias.safetensors")
     assert {m.name for m in lora} == names_of(theirs) - {"x_embedder"}
     check_probes(lora, theirs, sorted(names_of(theirs) - {"x_embedder"})[::5])
-    for name in ("transformer_blocks.4.attn.to_k", "single_transformer_blocks.9.proj_mlp", "norm_out.linear",
-                 "transformer_blocks.0.norm1.linear"):
+    names = ("transformer_blocks.4.attn.to_k", "single_transformer_blocks.9.proj_mlp", "norm_out.linear",
+             "transformer_blocks.0.norm1.linear")
+    for name in names:
         assert torch.allclose(lora[f"transformer.{name}"].bias_delta(), theirs[f"transformer.{name}.lora_B.bias"]), name
+    # bias deltas survive every written format (kohya: diff_b on the fused module; PEFT: lora_B.bias)
+    some = loramerge.LoRA([lora[f"transformer.{n}"] for n in names] + [lora["transformer.transformer_blocks.4.attn.to_q"]],
+                          "flux")
+    for fmt in ("kohya", "comfyui", "diffusers"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            loramerge.save(some, tmp_path / f"{fmt}.safetensors", format=fmt)
+        back = loramerge.load(tmp_path / f"{fmt}.safetensors")
+        for name in names:
+            assert torch.allclose(back[f"transformer.{name}"].bias_delta(), lora[f"transformer.{name}"].bias_delta(),
+                                  atol=1e-6), (fmt, name)
+        assert "transformer.transformer_blocks.4.attn.to_v" not in back  # the fused qkv's absent member stays absent
 
 
 def test_flux1_fal_kontext_and_ai_toolkit_names(tmp_path):

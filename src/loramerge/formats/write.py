@@ -158,7 +158,11 @@ class Group:
             return None
         if self.simple:
             return _swap(self.target, biases[0], self.members[0].in_features)
-        raise LoraMergeError(f"module {self.target.name}: bias deltas of fused projections cannot be written yet")
+        spans = self.target.rows(sum_rows(self.target, self.members))
+        fused = torch.zeros(spans[-1][1])  # absent members: no bias delta
+        for position, bias in biases.items():
+            fused[spans[position][0]:spans[position][1]] = bias
+        return fused
 
 
 def group_modules(lora: LoRA, arch: Architecture, format: str) -> list[Group]:
