@@ -170,19 +170,21 @@ def test_peft_folder(tmp_path):
     assert_delta(lora[f"unet.{n}"], 4.0 * up @ down)
 
 
+FLUX1_HEADER = {"ss_base_model_version": "flux1"}  # block-only Flux.1 files fit Chroma (and Flux.2 klein) too
+
+
 def test_flux_comfyui_and_ai_toolkit_names(tmp_path):
     qkv_up, down = rnd(3 * 3072, 4), rnd(4, 3072)
     lora = read_one(tmp_path, {"diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight": down,
-                               "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": qkv_up})
+                               "diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight": qkv_up},
+                    metadata=FLUX1_HEADER)
     assert lora.arch == "flux" and len(lora) == 3
     for i, x in enumerate("qkv"):
         assert_delta(lora[f"transformer.transformer_blocks.0.attn.to_{x}"], qkv_up[i * 3072:(i + 1) * 3072] @ down)
     n = "transformer.single_transformer_blocks.3.attn.to_q"
     up, down = rnd(3072, 8), rnd(8, 3072)
-    # one single-block module in diffusers names fits HunyuanVideo (same names and widths) as
-    # well as Flux: the header decides
     lora = read_one(tmp_path, {f"{n}.lora_A.weight": down, f"{n}.lora_B.weight": up, f"{n}.alpha": torch.tensor(4.0)},
-                    "ait.safetensors", metadata={"ss_base_model_version": "flux1"})
+                    "ait.safetensors", metadata=FLUX1_HEADER)
     assert lora.arch == "flux"
     assert_delta(lora[n], 0.5 * up @ down)
 
@@ -195,8 +197,7 @@ def test_flux_kohya_block_diagonal_qkv_is_split_at_each_members_rank(tmp_path):
     up = torch.block_diag(*ups)
     key = "lora_unet_double_blocks_1_txt_attn_qkv"
     lora = read_one(tmp_path, {f"{key}.lora_up.weight": up, f"{key}.lora_down.weight": torch.cat(downs),
-                               f"{key}.alpha": torch.tensor(6.0)},
-                    metadata={"ss_base_model_version": "flux1"})  # HunyuanVideo spells this module the same
+                               f"{key}.alpha": torch.tensor(6.0)}, metadata=FLUX1_HEADER)
     for i, x in enumerate("qkv"):
         m = lora[f"transformer.transformer_blocks.1.attn.add_{x}_proj"]
         assert m.rank == 2

@@ -108,20 +108,28 @@ def last_blocks_reached(reading: Reading) -> int:
 
 
 def claims(metadata: dict[str, str], config: dict | None) -> tuple[set[str], list[str]]:
-    """Architectures the file's own header or adapter config names, and where it says so."""
+    """Architectures the file's own header or adapter config names, and where it says so. A
+    header value names the architectures with the longest alias it starts with ('flux2_klein'
+    is Flux.2's 'flux2', not Flux.1's 'flux')."""
     found: set[str] = set()
     said: list[str] = []
     version = str(metadata.get("ss_base_model_version", "")).lower()
     modelspec = str(metadata.get("modelspec.architecture", "")).lower()
     base = str((config or {}).get("base_model_name_or_path") or "").lower() if isinstance(config, dict) else ""
-    for arch in archs.registry().values():
-        ident = arch.identity
-        if version and any(version.startswith(a) for a in ident.ss_aliases):
-            found.add(arch.name), said.append(f"ss_base_model_version={version!r}")
-        if modelspec and any(modelspec.startswith(a) for a in ident.modelspec_aliases):
-            found.add(arch.name), said.append(f"modelspec.architecture={modelspec!r}")
-        if base and any(b in base for b in ident.base_models):
-            found.add(arch.name), said.append(f"base_model_name_or_path={base!r}")
+    everything = list(archs.registry().values())
+    fields = (
+        ("ss_base_model_version", version, lambda ident: ident.ss_aliases, str.startswith),
+        ("modelspec.architecture", modelspec, lambda ident: ident.modelspec_aliases, str.startswith),
+        ("base_model_name_or_path", base, lambda ident: ident.base_models, lambda text, a: a in text),
+    )
+    for field_name, value, aliases, fits in fields:
+        if not value:
+            continue
+        longest = {a.name: max((len(x) for x in aliases(a.identity) if fits(value, x)), default=0) for a in everything}
+        best = max(longest.values())
+        if best:
+            found |= {name for name, n in longest.items() if n == best}
+            said.append(f"{field_name}={value!r}")
     return found, sorted(set(said))
 
 

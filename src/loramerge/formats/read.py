@@ -20,7 +20,7 @@ import torch
 
 from ..errors import NotALoraError, ShapeMismatchError, UnsupportedModuleError
 from ..lora import LoRA, LoraModule
-from . import keymaps, lycoris, transforms
+from . import archs, keymaps, lycoris, transforms
 from .detect import Reading, detect, named_variant
 from .placement import Match
 from .schemes import Target
@@ -55,6 +55,9 @@ _ROLE_PATTERNS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\.(q_layer\.weight|p_layer\.weight|lambda_layer)$"), "tlora"),
     # PEFT's own IA3/OFT/BOFT keys: named on read, not supported
     (re.compile(r"\.(ia3_l|oft_r|oft_R|boft_R|boft_s)(\.[^.]+)?(\.weight)?$"), "peft"),
+    # XLabs processors: 'processor.qkv_lora1.down.weight' (tried last: more specific spellings win)
+    (re.compile(r"\.down\.weight$"), "down"),
+    (re.compile(r"\.up\.weight$"), "up"),
     (re.compile(r"\.weight$"), "ia3_weight"),  # last: LyCORIS IA3's vector (only beside on_input)
 ]
 # The module types loramerge reads apart from plain LoRA, by the roles that mark them.
@@ -90,6 +93,7 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
     source = open_source(path)
+    _refuse_foreign(source)
     raw_modules, unplaced = _group(source)
     if unplaced:
         shown = ", ".join(unplaced[:6]) + (f" and {len(unplaced) - 6} more" if len(unplaced) > 6 else "")
@@ -102,13 +106,14 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
         _check_supported(raw, source)
     shapes = {_placed_prefix(raw): _target_shape(raw, source) for raw in raw_modules}
     reading = detect(shapes, source.metadata, source.extra_config, arch, source.path)
+    format_name = source.format or _format_name(raw_modules, reading)
     configs = _peft_configs(source)
     modules: list[LoraModule] = []
     for raw in raw_modules:
         match = reading.chosen[_placed_prefix(raw)]
         modules.extend(_build(raw, match, shapes[_placed_prefix(raw)], source, reading.variant, configs))
     _check_duplicates(modules, source)
-    lora = LoRA(modules, reading.arch.name, _format_name(raw_modules, reading), source.metadata, source.path)
+    lora = LoRA(modules, reading.arch.name, format_name, source.metadata, source.path)
     lora.variant = named_variant(reading, source.metadata)  # None: several fit equally, the header names none
     lora.variants = (reading.variant, *reading.also)
     return lora
@@ -142,6 +147,16 @@ def _group(source: TensorSource) -> tuple[list[RawModule], list[str]]:
             unplaced.append(raw.roles["ia3_weight"])
             del groups[prefix]
     return list(groups.values()), unplaced
+
+
+def _refuse_foreign(source: TensorSource) -> None:
+    """Files of formats whose content has no ΔW (an architecture entry's ``foreign`` keys)."""
+    for spec in archs.registry().values():
+        for foreign in spec.foreign:
+            pattern = re.compile(foreign.pattern)
+            key = next((k for k in source.keys() if pattern.search(k)), None)
+            if key is not None:
+                raise UnsupportedModuleError(foreign.message.format(key=key), source.path)
 
 
 def _check_supported(raw: RawModule, source: TensorSource) -> None:
@@ -272,8 +287,11 @@ def _config_alpha(configs: dict[str, dict], component: str, name: str, rank: int
     if not config:
         return None
     alpha = config.get("lora_alpha")
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", name):
+    if "_alpha_regexes" not in config:  # compiled once per file (hundreds of patterns × modules)
+        config["_alpha_regexes"] = [(re.compile(rf"(.*\.)?({pattern})$"), value)
+                                    for pattern, value in (config.get("alpha_pattern") or {}).items()]
+    for regex, value in config["_alpha_regexes"]:
+        if regex.match(name):
             alpha = value
             break
     if alpha is None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import FileFormatError
+from . import cloneofsimo
 from .safetensors_io import SafetensorsFile
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -24,6 +25,7 @@ class TensorSource:
     path: Path
     metadata: dict[str, str]
     extra_config: dict | None = None  # adapter_config.json of a PEFT folder
+    format: str | None = None  # the format's name when the source itself knows it (renamed keys)
 
     def keys(self) -> list[str]:
         raise NotImplementedError
@@ -92,7 +94,10 @@ def open_source(path: str | os.PathLike) -> TensorSource:
         return _open_folder(path)
     if path.suffix.lower() in PICKLE_SUFFIXES:
         return _open_pickle(path)
-    return SafetensorsSource(path)
+    source = SafetensorsSource(path)
+    if cloneofsimo.is_cloneofsimo(source.keys()):  # unnamed entries: renamed by their known order
+        return cloneofsimo.to_canonical(path, {k: source.get(k) for k in source.keys()}, source.metadata)
+    return source
 
 
 def _open_folder(path: Path) -> TensorSource:
@@ -121,6 +126,8 @@ def _open_pickle(path: Path) -> TensorSource:
         ) from None
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
+    if isinstance(data, list) and data and all(isinstance(v, torch.Tensor) for v in data):
+        return cloneofsimo.to_canonical(path, data, {})  # cloneofsimo's [up, down, …]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise FileFormatError("pickle does not hold a flat dict of tensors", path)
     return DictSource(path, data)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -83,7 +84,15 @@ def save_lora(lora: LoRA, path, format: str | None = None, dtype=None, metadata:
         group.put(tensors, dtype, alpha)
     _check_written(tensors, lora)
     save_file(path, tensors, build_header(lora, arch, format, alpha, metadata))
+    _warn_notes(lora, arch, format, path)
     return format
+
+
+def _warn_notes(lora: LoRA, arch: Architecture, format: str, path) -> None:
+    """The client facts of the architecture entry that concern what was just written."""
+    for note in arch.notes:
+        if note.format == format and any(re.search(note.pattern, m.key) for m in lora):
+            warnings.warn(f"{path}: {note.message}", stacklevel=3)
 
 
 def _style(arch: Architecture, format: str) -> str:

@@ -78,6 +78,25 @@ class Unsupported:
     reason: str
 
 
+@dataclass(frozen=True)
+class Note:
+    """A client fact the writer warns about: writing ``format`` with a module whose canonical
+    key (``component.name``) matches ``pattern`` (a regex, searched)."""
+
+    format: str
+    pattern: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Foreign:
+    """Keys (regex, searched) that mark a file whose content has no ΔW to merge; reading such a
+    file is refused with ``message`` ({key} is the first such key)."""
+
+    pattern: str
+    message: str
+
+
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per architecture
 class Architecture:
     name: str
@@ -92,8 +111,9 @@ class Architecture:
     pipelines: tuple[str, ...] = ()  # diffusers pipeline classes (model_index.json _class_name)
     # further denoiser components with the denoiser's block grammar (Wan 2.2's low-noise transformer_2)
     experts: tuple[str, ...] = ()
-    notes: tuple[str, ...] = field(default=())  # client facts a writer warns about
+    notes: tuple[Note, ...] = field(default=())  # client facts a writer warns about
     unsupported: tuple[Unsupported, ...] = ()  # parts whose LoRA modules are refused
+    foreign: tuple[Foreign, ...] = field(default=())  # keys of files that cannot be merged
 
     def component(self, name: str) -> Component | None:
         return next((c for c in self.components if c.name == name), None)

@@ -14,7 +14,7 @@ are refused.
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
 from ..schemes.nextdit import LUMINA2
-from . import Architecture, Identity, Naming, Unsupported
+from . import Architecture, Identity, Naming, Note, Unsupported
 from ._common import dit_denoiser, kohya, peft
 
 TRANSFORMER = {"_class_name": "Lumina2Transformer2DModel", "axes_dim_rope": [32, 32, 32], "axes_lens": [300, 512, 512],
@@ -56,8 +56,8 @@ ARCH = Architecture(
     blocks=TransformerBlocks({"layer": "layers", "noise_refiner": "noise_refiner", "context_refiner": "context_refiner"},
                              aliases={"layers": "layer", "block": "layer"}),
     pipelines=("Lumina2Pipeline", "Lumina2Text2ImgPipeline"),
-    notes=("diffusers 0.42 loads comfyui-format Lumina 2 LoRAs only when every block has all its block modules "
-           "and no module lies outside the blocks",),
+    notes=(Note("comfyui", r".", "diffusers 0.42 loads comfyui-format Lumina 2 LoRAs only when every block has all "
+                "its block modules and no module lies outside the blocks"),),
     unsupported=(Unsupported("text encoder (Gemma-2)", ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders."),
                              "kohya sd-scripts text-encoder LoRAs, which diffusers and ComfyUI do not load"),),
 )

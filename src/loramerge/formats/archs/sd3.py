@@ -3,7 +3,7 @@
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS, HF_TEXT
 from ..schemes.mmdit import MMDIT
-from . import Architecture, Identity, Naming
+from . import Architecture, Identity, Naming, Note
 from ._common import CLIP_G_PROJ, CLIP_L_PROJ, STABILITY, T5_XXL, dit_denoiser, kohya, peft, text_encoder
 
 
@@ -21,8 +21,11 @@ ARCH = Architecture(
     label="Stable Diffusion 3 / 3.5",
     denoiser="transformer",
     components=(
-        # sd-scripts writes MMDiT names under lora_unet_; OneTrainer diffusers names under lora_transformer_
-        dit_denoiser(MMDIT, extra=(kohya("lora_transformer_", DIFFUSERS),)),
+        # sd-scripts writes MMDiT names under lora_unet_ (split_qkv files: one fused qkv with a
+        # block-diagonal up); OneTrainer's LEGACY diffusers names under lora_transformer_; SimpleTuner's
+        # LyCORIS diffusers names under lycoris_
+        dit_denoiser(MMDIT, extra=(Naming("lora_transformer_", DIFFUSERS, flat=True, label="onetrainer"),
+                                   Naming("lycoris_", DIFFUSERS, flat=True, label="lycoris"))),
         text_encoder("text_encoder", ("lora_te1_",), "text_encoders.clip_l.transformer.",
                      single_file=(Naming("text_encoders.clip_l.transformer.", HF_TEXT),)),
         text_encoder("text_encoder_2", ("lora_te2_",), "text_encoders.clip_g.transformer.",
@@ -43,10 +46,21 @@ ARCH = Architecture(
                       "text_encoder_2": peft("text_encoder_2.", HF_TEXT),
                       "text_encoder_3": peft("text_encoder_3.", HF_TEXT)},
     },
-    default_format="kohya",
+    # No single file loads in both diffusers and Forge (docs/notes/clients.md §6): diffusers names
+    # load exactly in diffusers and ComfyUI; kohya (sd-scripts MMDiT names) in ComfyUI and Forge, and
+    # in diffusers not at all
+    default_format="diffusers",
+    # sd-scripts writes ss_base_model_version = the MMDiT type (5-large, 5-medium, medium), ai-toolkit sd_3
     identity=Identity("sd3", "stable-diffusion-3-medium/lora", STABILITY, "1024x1024",
-                      ss_aliases=("sd3",), modelspec_aliases=("stable-diffusion-3",),
+                      ss_aliases=("sd3", "sd_3", "5-large", "5-medium", "medium"),
+                      modelspec_aliases=("stable-diffusion-3",),
                       base_models=("stable-diffusion-3", "sd3")),
     blocks=TransformerBlocks({"joint": "transformer_blocks"}, aliases={"double": "joint"}),
-    pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline"),
+    pipelines=("StableDiffusion3Pipeline", "StableDiffusion3Img2ImgPipeline", "StableDiffusion3InpaintPipeline"),
+    notes=(
+        Note("kohya", r".", "diffusers 0.42 loads nothing from sd-scripts-named SD3 LoRAs (only a 'No LoRA keys' "
+             "warning); ComfyUI and Forge load them. --format diffusers loads in diffusers and ComfyUI"),
+        Note("diffusers", r"^text_encoder_3\.", "diffusers 0.42's SD3 loader does not load T5 (text_encoder_3) "
+             "LoRA modules"),
+    ),
 )

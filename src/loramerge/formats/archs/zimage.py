@@ -16,7 +16,7 @@ from dataclasses import replace
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
 from ..schemes.nextdit import ZIMAGE, ZIMAGE_DIFFUSERS
-from . import Architecture, Identity, Naming, Unsupported
+from . import Architecture, Identity, Naming, Note, Unsupported
 from ._common import dit_denoiser, kohya, peft
 
 TRANSFORMER = {"_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
@@ -69,8 +69,9 @@ ARCH = Architecture(
                              aliases={"layers": "layer", "block": "layer"}),
     pipelines=("ZImagePipeline", "ZImageImg2ImgPipeline", "ZImageInpaintPipeline", "ZImageOmniPipeline",
                "ZImageControlNetPipeline", "ZImageControlNetInpaintPipeline"),
-    notes=("diffusers 0.42 drops kohya-format Z-Image x_embedder and final_layer modules (its converter renames "
-           "them to no module); ComfyUI loads them",),
+    notes=(Note("kohya", r"^transformer\.all_(x_embedder|final_layer)\.",
+                "diffusers 0.42 drops kohya-format Z-Image x_embedder and final_layer modules (its converter renames "
+                "them to no module); ComfyUI loads them"),),
     unsupported=(Unsupported("text encoder (Qwen3)", ("text_encoder.", "lora_te_", "lora_te1_", "text_encoders."),
                              "no trainer writes them and diffusers never loads them"),),
 )
