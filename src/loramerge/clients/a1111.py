@@ -1,0 +1,172 @@
+"""AUTOMATIC1111's LoRA loader (``extensions-builtin/Lora/networks.py`` ``load_network``,
+``network*.py``), restated from v1.10 (July 2024; A1111 is unmaintained since); notes §3.
+
+A1111 patches its own LDM/sgm modules, registered under their dotted paths with '.' → '_' (the
+architecture's facts give those names per component). A key is split at its first '.'; the module
+part goes through ``convert_diffusers_name_to_compvis`` (restated below) and is looked up; then
+``q/k/v_proj`` are tried on the layer's MultiheadAttention, ``lora_unet`` → ``diffusion_model``
+and ``lora_te1_text_model`` → ``0_transformer_text_model`` / ``transformer_text_model``. Keys that
+match nothing are dropped silently. Each matched module's parameters must fit one module type,
+else the whole file fails to load. An OpenCLIP layer's q, k, v, out are applied only when all four
+are in the file. Scale: alpha / rows of down, else 1 (an explicit ``scale`` parameter, which
+wins in A1111, is not a key this package reads).
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..formats.archs import Architecture, ClientFacts
+from ..formats.schemes.clientnames import A1111_OPENCLIP
+from . import Application, Client, FileModule, FileView, Reading, lookup, pick
+from .comfyui import lycoris_scale
+
+_RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
+           "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
+_OPENCLIP = (("mlp_fc1", "mlp_c_fc"), ("mlp_fc2", "mlp_c_proj"), ("self_attn", "attn"))
+_X_PROJ = re.compile(r"(.*)_([qkv]_proj)$")
+
+# parameter sets each module type accepts (network_lora, _hada, _lokr, _full, …)
+_TYPES = (
+    ({"lora_up.weight", "lora_down.weight"}, {"lora_mid.weight", "alpha", "scale", "dora_scale"}),
+    ({"lora_A.weight", "lora_B.weight"}, {"lora_mid.weight", "alpha", "scale", "dora_scale"}),
+    ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, set()),
+    ({"diff"}, set()),
+)
+
+
+def _openclip(rest: str) -> str:
+    for old, new in _OPENCLIP:
+        if old in rest:
+            return rest.replace(old, new)
+    return rest
+
+
+def to_compvis(key: str, is_sd2: bool) -> str:
+    """``convert_diffusers_name_to_compvis``: kohya diffusers-style names → A1111 module names."""
+    m = re.match(r"lora_unet_conv_in(.*)", key)
+    if m:
+        return f"diffusion_model_input_blocks_0_0{m[1]}"
+    m = re.match(r"lora_unet_conv_out(.*)", key)
+    if m:
+        return f"diffusion_model_out_2{m[1]}"
+    m = re.match(r"lora_unet_time_embedding_linear_(\d+)(.*)", key)
+    if m:
+        return f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"
+    m = re.match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key)
+    if m:
+        rest = _RESNET.get(m[4], m[4]) if m[2] == "resnets" else m[4]
+        return f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_{rest}"
+    m = re.match(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", key)
+    if m:
+        rest = _RESNET.get(m[3], m[3]) if m[1] == "resnets" else m[3]
+        return f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{rest}"
+    m = re.match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key)
+    if m:
+        rest = _RESNET.get(m[4], m[4]) if m[2] == "resnets" else m[4]
+        return f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_{rest}"
+    m = re.match(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", key)
+    if m:
+        return f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"
+    m = re.match(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", key)
+    if m:
+        block = int(m[1])
+        return f"diffusion_model_output_blocks_{2 + block * 3}_{2 if block > 0 else 1}_conv"
+    m = re.match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key)
+    if m:
+        if is_sd2:
+            return f"model_transformer_resblocks_{m[1]}_{_openclip(m[2])}"
+        return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
+    m = re.match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", key)
+    if m:
+        return f"1_model_transformer_resblocks_{m[1]}_{_openclip(m[2])}"
+    return key
+
+
+class A1111(Client):
+    name = "a1111"
+    label = "A1111"
+    read_from = "AUTOMATIC1111/stable-diffusion-webui v1.10 (July 2024)"
+
+    def load(self, file: FileView, facts: ClientFacts) -> Reading:
+        model = list(facts.model.items())
+        # A1111 converts lora_te_ keys the SD2 way when 'model_transformer_resblocks' is registered
+        is_sd2 = any(n.prefix == "model_" and n.scheme is A1111_OPENCLIP for _, n in model)
+        owner = file.module_of()
+        groups: dict[str, dict[str, str]] = {}  # A1111's module key → {parameter part: file key}
+        resolved: dict[str, tuple[str, object]] = {}
+        for key in file.keys:
+            head, _, part = key.partition(".")
+            found = self.resolve(file.arch, model, head, is_sd2, owner[key])
+            if found is None:
+                continue
+            name, place = found
+            groups.setdefault(name, {})[part] = key
+            resolved[name] = place
+        reading = Reading()
+        for name, params in groups.items():
+            if not any(need <= set(params) for need, _ in _TYPES) and not _lokr(params):
+                return Reading("rejected", f"module {name} has {', '.join(sorted(params))}, which no module type "
+                                           "accepts: AssertionError, the file does not load")
+        applied: dict[str, Application] = {}
+        for name, params in groups.items():
+            component, target = resolved[name]
+            keys = set(params.values())
+            m = owner[next(iter(keys))]
+            applied[m.prefix] = self.application(m, component, target, params)
+        for m in file.modules:
+            reading.applications.append(applied.get(m.prefix) or Application(m, why="no A1111 module of that name"))
+        self.together(file, facts, reading)
+        return reading
+
+    def resolve(self, arch: Architecture, model, head: str, is_sd2: bool, m: FileModule):
+        """The registered module a key's module part reaches, as (A1111 key, (component, target)).
+        (The ``q/k/v_proj`` fallback onto a MultiheadAttention is in the facts' module names:
+        A1111 files those parameters under the suffixed name.)"""
+        attempts = [to_compvis(head, is_sd2)]
+        if "lora_unet" in head:
+            attempts.append(head.replace("lora_unet", "diffusion_model"))
+        elif "lora_te1_text_model" in head:
+            attempts += [head.replace("lora_te1_text_model", "0_transformer_text_model"),
+                         head.replace("lora_te1_text_model", "transformer_text_model")]
+        for name in attempts:
+            found = pick(lookup(arch, model, name), m)
+            if found is not None:
+                return name, found
+        return None
+
+    def application(self, m: FileModule, component: str, target, params: dict[str, str]) -> Application:
+        full = "diff" in params  # only a full module applies its bias; next to a LoRA it is ignored
+        used = tuple(k for part, k in params.items() if (part != "diff_b" or full) and not part.endswith(".bias"))
+        if m.kind == "lora":
+            scale = m.alpha / m.shapes["down"][0] if "alpha" in params else 1.0
+        else:
+            scale = lycoris_scale(m)
+        return Application(m, component, target, scale, full and "diff_b" in params, used)
+
+    def together(self, file: FileView, facts: ClientFacts, reading: Reading) -> None:
+        """OpenCLIP attention: q, k, v, out of a layer applied only when all four are there."""
+        for component, templates in facts.together.items():
+            patterns = [re.compile(re.escape(t).replace(r"\{i\}", r"(\d+)") + "$") for t in templates]
+            layers: dict[str, list[Application]] = {}
+            for app in reading.applications:
+                if app.target is None or app.component != component:
+                    continue
+                for p in patterns:
+                    hit = p.match(app.target.members[0])
+                    if hit:
+                        layers.setdefault(hit.group(1), []).append(app)
+            for layer, apps in layers.items():
+                if len({a.target.members[0] for a in apps}) < len(templates):
+                    for a in apps:
+                        a.target = None
+                        a.why = (f"A1111 applies layer {layer}'s attention only with all of q, k, v, out "
+                                 f"({len(apps)} of {len(templates)} in the file)")
+
+
+def _lokr(params: dict[str, str]) -> bool:
+    has = set(params)
+    return any(p in has for p in ("lokr_w1", "lokr_w1_a")) and any(p in has for p in ("lokr_w2", "lokr_w2_a"))
+
+
+CLIENT = A1111()
