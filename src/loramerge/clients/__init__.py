@@ -368,3 +368,30 @@ def native_scheme(arch: Architecture, component: str):
     """The scheme of the component's own checkpoint names (what ComfyUI, Forge and A1111 patch)."""
     comp = arch.component(component)
     return comp.single_file[0].scheme if comp is not None and comp.single_file else None
+
+
+def fix_file(path, clients, output, arch: str | None = None, dtype=None) -> tuple[str, Report]:
+    """Rewrite a LoRA in the first format (the architecture's default first) that every chosen
+    client loads exactly; refuse, naming what each format loses where, when none does."""
+    from pathlib import Path
+
+    from ..errors import LoraMergeError
+    from ..formats.safetensors_io import save_file
+    from ..formats.sources import DictSource
+    from ..formats.write import encode, resolve_dtype
+    from ..io import load
+
+    lora = load(path, arch=arch)
+    spec = archs.spec(lora.arch)
+    dtype = resolve_dtype(dtype) or lora.dtype
+    names = resolve_clients(clients)
+    failures = []
+    for fmt in [spec.default_format, *(f for f in spec.formats if f != spec.default_format)]:
+        tensors, header = encode(lora, spec, fmt, dtype)
+        report = check(DictSource(Path(output), tensors, header), names, arch=lora.arch)
+        if report.exact:
+            save_file(output, tensors, header)
+            return fmt, report
+        failures.append(f"{fmt}: " + ", ".join(f"{v.label} {v.summary()}" for v in report.verdicts if not v.exact))
+    raise LoraMergeError(f"no {spec.label} format loramerge writes loads exactly in "
+                         f"{' and '.join(client(n).label for n in names)} ({'; '.join(failures)})", path)

@@ -11,6 +11,11 @@ Scales are folded so a file's meaning does not depend on how a reader finds alph
   metadata is still written and agrees.
 All folding happens in float32 before the one cast to the output dtype; what is written is
 checked for finiteness after the cast.
+
+Groups some client applies all-or-nothing (A1111's OpenCLIP attention: q, k, v and out of a
+layer) are completed with zero modules in kohya-named files. Before a file is written, ``check``
+reads the tensors as every client would; where a client would not load them exactly, one
+:class:`~loramerge.errors.ClientWarning` line names it and the format that loads there.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..version import __version__
-from ..errors import LoraMergeError, NonFiniteError, UsageError
+from ..errors import ClientWarning, LoraMergeError, NonFiniteError, UsageError
 from ..lora import LoRA, LoraModule, all_finite
 from . import archs
 from .archs import Architecture, Naming
@@ -63,24 +68,105 @@ def resolve_format(arch: Architecture, format: str | None) -> str:
     return format
 
 
-def save_lora(lora: LoRA, path, format: str | None = None, dtype=None, metadata: dict[str, str] | None = None) -> str:
+def save_lora(lora: LoRA, path, format: str | None = None, dtype=None, metadata: dict[str, str] | None = None,
+              warn: bool = True) -> str:
     """Write ``lora`` to ``path`` atomically; returns the format written (default: the
-    architecture's, the one every client loads). ``metadata`` adds or overrides header fields."""
+    architecture's, the one every client loads). ``metadata`` adds or overrides header fields;
+    ``warn``: a :class:`ClientWarning` when some client would not load the file exactly."""
     arch = archs.spec(lora.arch)
     format = resolve_format(arch, format)
     dtype = resolve_dtype(dtype) or lora.dtype
+    tensors, header = encode(lora, arch, format, dtype, metadata)
+    if warn:
+        message = client_warning(lora, arch, format, dtype, tensors, header, path)
+        if message:
+            warnings.warn(message, ClientWarning, stacklevel=3)
+    save_file(path, tensors, header)
+    return format
+
+
+def encode(lora: LoRA, arch: Architecture, format: str, dtype: torch.dtype,
+           metadata: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header of ``lora`` written in ``format``."""
+    lora = complete_groups(lora, arch, format)
     groups = group_modules(lora, arch, format)
     alpha = file_alpha(groups) if _style(arch, format) == "kohya" else None
     tensors: dict[str, torch.Tensor] = {}
     for group in groups:
         group.put(tensors, dtype, alpha)
     _check_written(tensors, lora)
-    save_file(path, tensors, build_header(lora, arch, format, alpha, metadata))
-    return format
+    return tensors, build_header(lora, arch, format, alpha, metadata)
 
 
 def _style(arch: Architecture, format: str) -> str:
     return next(iter(arch.formats[format].values())).style
+
+
+# --------------------------------------------------------------------------------------------
+# what the clients will do with it
+
+
+def client_warning(lora: LoRA, arch: Architecture, format: str, dtype: torch.dtype, tensors: dict, header: dict,
+                   path) -> str | None:
+    """One line naming each client that would not load these tensors exactly (clients without a
+    loader for the architecture aside), what differs, and a format that loads there."""
+    from pathlib import Path
+
+    from ..clients import check
+    from .sources import DictSource
+
+    def report(fmt, t, h):
+        return check(DictSource(Path(path), t, h), arch=arch.name)
+
+    verdicts = [v for v in report(format, tensors, header).verdicts
+                if not v.exact and v.outcome not in ("unsupported", "unknown")]
+    if not verdicts:
+        return None
+    others = {}
+    for other in arch.formats:
+        if other != format:
+            others[other] = report(other, *encode(lora, arch, other, dtype))
+    parts = []
+    for v in verdicts:
+        fixes = [f for f, r in others.items() if r.verdict(v.client).exact]
+        fix = f"--format {fixes[0]} loads exactly there" if fixes else "no format loramerge writes loads it exactly there"
+        parts.append(f"{v.label}: {v.summary()} ({fix})")
+    return f"{Path(path).name} in {format} format: " + "; ".join(parts)
+
+
+def complete_groups(lora: LoRA, arch: Architecture, format: str) -> LoRA:
+    """Add zero modules so every group a client applies all-or-nothing (its facts' ``together``)
+    is complete in kohya-named files (A1111 ignores an OpenCLIP layer's attention otherwise)."""
+    import re
+
+    extra: list[LoraModule] = []
+    alphas = collections.Counter(m.alpha for m in lora)
+    for facts in arch.clients.values():
+        for component, templates in facts.together.items():
+            naming = arch.naming(format, component)
+            if naming is None or naming.style != "kohya":
+                continue
+            patterns = [re.compile(re.escape(t).replace(r"\{i\}", r"(\d+)") + "$") for t in templates]
+            layers: dict[str, dict[int, LoraModule]] = {}
+            for m in lora:
+                for position, p in enumerate(patterns):
+                    hit = p.match(m.name) if m.component == component else None
+                    if hit:
+                        layers.setdefault(hit.group(1), {})[position] = m
+            for layer, present in layers.items():
+                sibling = next(iter(present.values()))
+                for position, t in enumerate(templates):
+                    name = t.replace("{i}", layer)
+                    if position in present or f"{component}.{name}" in lora:
+                        continue
+                    extra.append(LoraModule.from_factors(
+                        component, name, torch.zeros(sibling.out_features, 1), torch.zeros(1, sibling.in_features),
+                        sibling.shape, alphas.most_common(1)[0][0], dtype=sibling.dtype, source=sibling.source))
+    if not extra:
+        return lora
+    padded = LoRA([*lora, *extra], lora.arch, lora.format, lora.metadata, lora.path)
+    padded.variant, padded.stats = lora.variant, lora.stats
+    return padded
 
 
 # --------------------------------------------------------------------------------------------
@@ -248,18 +334,28 @@ def _peft_target(name: str) -> str:
     return name.removeprefix("text_model.")
 
 
+def _peft_pattern(name: str, denoiser: bool) -> str:
+    """A rank/alpha pattern key. PEFT takes the first key that is a dotted-suffix regex of a
+    module's path, so a denoiser's 'proj_out' would also give its rank to every
+    'single_transformer_blocks.N.proj_out'; '^' anchors it to the module itself (as diffusers
+    anchors its own rank patterns). Text-encoder names stay suffixes (see :func:`_peft_target`)."""
+    return "^" + name if denoiser else _peft_target(name)
+
+
 def adapter_metadata(lora: LoRA) -> dict:
     """diffusers' ``lora_adapter_metadata``: a LoraConfig per component, keys prefixed. The
     factors hold every scale, so each module's alpha equals its rank."""
     flat = {}
+    denoiser = archs.spec(lora.arch).denoiser
     for component in lora.components:
         mods = [m for m in lora if m.component == component]
         r = collections.Counter(m.rank for m in mods).most_common(1)[0][0]
+        odd = {_peft_pattern(m.name, component == denoiser): m.rank for m in mods if m.rank != r}
         config = {
             "r": r,
             "lora_alpha": r,
-            "rank_pattern": {_peft_target(m.name): m.rank for m in mods if m.rank != r},
-            "alpha_pattern": {_peft_target(m.name): m.rank for m in mods if m.rank != r},
+            "rank_pattern": odd,
+            "alpha_pattern": dict(odd),
             "target_modules": sorted(_peft_target(m.name) for m in mods),
             "use_dora": False,
             "use_rslora": False,
@@ -278,6 +374,7 @@ def build_header(lora: LoRA, arch: Architecture, format: str, alpha: float | Non
     header = {k: v for k, v in lora.metadata.items() if k not in _STALE_FIELDS}
     ranks = {m.rank for m in lora}
     ident = arch.identity
+    header.update(ident.header)
     header.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": _number(ranks.pop()) if len(ranks) == 1 else "Dynamic",
