@@ -334,3 +334,172 @@ def test_convert_ai_toolkit_and_kohya_flux_fuses_exactly(tmp_path):
         out = tmp_path / f"{name}.out.safetensors"
         loramerge.save(loramerge.load(tmp_path / f"{name}.safetensors"), out, format=WRITTEN["flux"])
         fuse_and_compare(pipe, components, out, expected)
+
+
+# --------------------------------------------------------------------------------------------
+# check --client diffusers against what diffusers does
+
+
+def _file_products(path, file):
+    """{canonical module: float64 product of its factors in the file}, from the raw tensors."""
+    raw = load_file(str(path))
+    out = {}
+    for m in file.modules:
+        if m.kind != "lora":
+            continue
+        up, down = raw[m.keys["up"]].double(), raw[m.keys["down"]].double()
+        up, down = up.reshape(up.shape[0], -1), down.reshape(down.shape[0], -1)
+        if m.target.swaps(up.shape[0], down.shape[1]):
+            first, second = up.chunk(2)
+            up = torch.cat([second, first])
+        for member, (start, end) in zip(m.target.members, m.target.rows(up.shape[0])):
+            out[f"{m.component}.{member}"] = up[start:end] @ down
+    return out
+
+
+def assert_check_agrees(arch, path, folded=False):
+    """`check --client diffusers` against diffusers' load_lora_weights: the same outcome, the same
+    modules applied, and per module the same ΔW (and, where no converter folds the scale into the
+    factors, the same PEFT `scaling`). Returns the verdict."""
+    pipe, components = pipeline(arch)
+    verdict = clients.check(path, ["diffusers"]).verdict("diffusers")
+    try:
+        with tiny.capture_load_warnings():
+            pipe.load_lora_weights(str(path), adapter_name="x")
+    except Exception as exc:  # diffusers refused the file
+        assert verdict.outcome == "rejected", f"diffusers raised {exc!r}; check said {verdict.summary()}"
+        pipe.unload_lora_weights()
+        return verdict
+    assert verdict.outcome == "loaded", f"diffusers loaded it; check said {verdict.summary()}"
+    got = {k: v for k, v in tiny.injected(pipe, components, "x").items() if float(v[1].abs().max()) > 0}
+    pipe.unload_lora_weights()
+    file = clients.view(path)
+    products = _file_products(path, file)
+    predicted = {}
+    for m in file.modules:
+        for c in m.modules:
+            if c not in verdict.lost:
+                predicted[c] = verdict.scales.get(c, (m.scale, m.scale))[1]
+    assert set(got) == set(predicted), (sorted(set(got) - set(predicted))[:5], sorted(set(predicted) - set(got))[:5])
+    for c, scale in predicted.items():
+        peft_scaling, delta, _ = got[c]
+        reference = scale * products[c]
+        err = float((delta.reshape(reference.shape) - reference).norm() / reference.norm())
+        assert err < 1e-5, f"{c}: check predicts scale {scale:g}, diffusers differs by {err:.2e}"
+        if not folded:
+            assert math.isclose(peft_scaling, scale, rel_tol=1e-6), (c, peft_scaling, scale)
+    return verdict
+
+
+def _kohya(path, arch, fac, extra=None, names=None):
+    sd = {}
+    for (component, name), (up, down, alpha) in fac.items():
+        key = (names or tiny.kohya_key)(arch, component, name)
+        sd[f"{key}.lora_up.weight"], sd[f"{key}.lora_down.weight"] = up.contiguous(), down.contiguous()
+        if alpha is not None:
+            sd[f"{key}.alpha"] = torch.tensor(float(alpha))
+    sd.update(extra or {})
+    save_file(sd, str(path), metadata={"ss_base_model_version": tiny.KOHYA_VERSION.get(arch, arch)})
+    return path
+
+
+def test_check_predicts_diffusers_on_kohya_sd_files(tmp_path):
+    """Per-module ranks and alphas (diffusers gives attention projections the most common alpha),
+    a bias delta (ValueError), one PEFT-named key (kohya conversion skipped, kohya keys lost),
+    SD1 keys in sgm names (not remapped), text-encoder attention without out/MLP (diffusers cannot
+    infer the state-dict type) and SDXL mixing sgm and diffusers block names (sgm keys dropped)."""
+    pipe, components = pipeline("sd1")
+    mods = layers(pipe, components)
+    fac = factors(mods, seed=11, ranks=(2, 3), alphas=(1.0, 1.0, 1.0, 2.0, None))
+    v = assert_check_agrees("sd1", _kohya(tmp_path / "alphas.safetensors", "sd1", fac))
+    assert v.scales and not v.lost  # the research's finding, predicted
+    some = dict(sorted(fac.items())[:6])
+    first = tiny.kohya_key("sd1", *sorted(some)[0])
+    v = assert_check_agrees("sd1", _kohya(tmp_path / "diffb.safetensors", "sd1", some,
+                                          {f"{first}.diff_b": torch.zeros(mods[sorted(some)[0]].weight.shape[0])}))
+    assert v.outcome == "rejected"
+    (c, n), (up, down, _) = sorted(fac.items())[-1]
+    v = assert_check_agrees("sd1", _kohya(tmp_path / "mixed.safetensors", "sd1", some,
+                                          {f"{c}.{n}.lora_A.weight": down, f"{c}.{n}.lora_B.weight": up}))
+    assert len(v.lost) == len(some)
+    unet_only = {k: f for k, f in sorted(fac.items()) if k[0] == "unet" and "resnets" in k[1]}
+    sgm_names = lambda arch, component, name: "lora_unet_" + diffusers_to_sgm(name, (1, 2, 3)).replace(".", "_")  # noqa: E731
+    v = assert_check_agrees("sd1", _kohya(tmp_path / "sgm.safetensors", "sd1", unet_only, names=sgm_names))
+    assert len(v.lost) == len(unet_only)
+    attention = {k: f for k, f in fac.items() if k[0] == "text_encoder" and k[1].split(".")[-1] in ("q_proj", "v_proj")}
+    assert assert_check_agrees("sd1", _kohya(tmp_path / "qv.safetensors", "sd1", attention)).outcome == "rejected"
+    with_mlp = {k: f for k, f in fac.items() if k[0] == "text_encoder" and "out_proj" not in k[1]}
+    v = assert_check_agrees("sd1", _kohya(tmp_path / "nout.safetensors", "sd1", with_mlp))
+    assert v.lost and all("self_attn" in k for k in v.lost)
+
+    pipe, components = pipeline("sdxl")
+    mods = layers(pipe, components, skip=A1111_LACKS)
+    fac = factors(mods, seed=12, alphas=(4.0, 4.0, 1.0))
+    v = assert_check_agrees("sdxl", _kohya(tmp_path / "xl.safetensors", "sdxl", fac))
+    assert v.scales
+    unet = sorted(k for k in fac if k[0] == "unet")
+    plain = {k: fac[k] for k in unet if "down_blocks.1.attentions" in k[1]}
+    names = lambda arch, component, name: (  # noqa: E731
+        "lora_unet_" + name.replace(".", "_") if (component, name) in plain else tiny.kohya_key(arch, component, name))
+    v = assert_check_agrees("sdxl", _kohya(tmp_path / "xlmixed.safetensors", "sdxl", {k: fac[k] for k in unet}, names=names))
+    in_blocks = {f"unet.{n}" for c, n in unet if (c, n) not in plain
+                 and diffusers_to_sgm(n, (0, 1)).startswith(("input_blocks", "middle_block", "output_blocks"))}
+    assert set(v.lost) == in_blocks
+    # diffusers-named SDXL kohya keys: diffusers' converter turns add_embedding_linear_1 into
+    # "add.embedding.linear", which is no module
+    embedding = {k: fac[k] for k in unet if k[1].startswith(("add_embedding", "conv_in"))}
+    v = assert_check_agrees("sdxl", _kohya(tmp_path / "xlemb.safetensors", "sdxl", embedding,
+                                           names=lambda a, c, n: "lora_unet_" + n.replace(".", "_")))
+    assert set(v.lost) == {"unet.add_embedding.linear_1", "unet.add_embedding.linear_2"}
+
+
+def test_check_predicts_diffusers_on_peft_sd3_and_flux_files(tmp_path):
+    """PEFT files: `.alpha` keys on SD (ValueError), metadata whose rank disagrees with the
+    tensors (size mismatch), SD3 in sd-scripts names (nothing loaded) and in PEFT names; Flux:
+    kohya with global modules and T5 (dropped), PEFT with `.alpha` keys (text-encoder alphas
+    filed under names PEFT does not find), and loramerge's own output with a T5 module."""
+    pipe, components = pipeline("sd1")
+    fac = factors(dict(sorted(layers(pipe, components).items())[:8]), seed=13)
+    assert assert_check_agrees("sd1", _peft(tmp_path / "keys.safetensors", fac, "keys", "sd_v1")).outcome == "rejected"
+    path = _peft(tmp_path / "meta.safetensors", fac, "metadata", "sd_v1")
+    assert assert_check_agrees("sd1", path).exact
+    meta = json.loads(_header(path)["lora_adapter_metadata"])
+    meta["text_encoder.r"] += 1
+    wrong = tmp_path / "wrong.safetensors"
+    save_file(load_file(str(path)), str(wrong), metadata={**_header(path), "lora_adapter_metadata": json.dumps(meta)})
+    assert assert_check_agrees("sd1", wrong).outcome == "rejected"
+
+    pipe, components = pipeline("sd3")
+    mods = layers(pipe, components)
+    fac = factors(mods, seed=14)
+    merged = loramerge.load(_peft(tmp_path / "sd3.safetensors", fac, "metadata", "sd3"))
+    assert assert_check_agrees("sd3", tmp_path / "sd3.safetensors").exact
+    loramerge.save(merged, tmp_path / "sd3k.safetensors", format="kohya")
+    v = assert_check_agrees("sd3", tmp_path / "sd3k.safetensors")
+    assert len(v.lost) == v.modules
+
+    pipe, components = pipeline("flux")
+    mods = layers(pipe, ("transformer", "text_encoder", "text_encoder_2"))
+    fac = factors(mods, seed=15, alphas=(1.0, 1.0, 2.0))
+    lora = loramerge.load(_peft(tmp_path / "ait.safetensors", fac, "keys", "flux1"))
+    v = assert_check_agrees("flux", tmp_path / "ait.safetensors")
+    t5 = [k for k in v.lost if k.startswith("text_encoder_2.")]
+    assert t5 and len(t5) == len(v.lost) and any(k.startswith("text_encoder.") for k in v.scales)
+    loramerge.save(lora, tmp_path / "fluxk.safetensors", format="kohya")
+    v = assert_check_agrees("flux", tmp_path / "fluxk.safetensors", folded=True)
+    assert "transformer.x_embedder" in v.lost and "transformer.norm_out.linear" in v.lost
+    loramerge.save(lora, tmp_path / "fluxd.safetensors", format="diffusers")
+    v = assert_check_agrees("flux", tmp_path / "fluxd.safetensors")
+    assert set(v.lost) == set(t5) and not v.scales
+
+
+def _peft(path, fac, alphas_as, version):
+    write_peft(path, fac, alphas_as, header={"ss_base_model_version": version})
+    return path
+
+
+def _header(path):
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return f.metadata()

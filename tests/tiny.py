@@ -88,7 +88,8 @@ def sd3_pipeline():
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2,
                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                         caption_projection_dim=16, pooled_projection_dim=64, out_channels=4)
-    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000))
+    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000,
+                                 feed_forward_proj="gated-gelu"))
     return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(),
                                     text_encoder=_clip(projection=True), tokenizer=None,
                                     text_encoder_2=_clip(projection=True), tokenizer_2=None,
@@ -128,7 +129,8 @@ def flux_pipeline(wide: bool = False):
         transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                              pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
-    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000))
+    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000,
+                                 feed_forward_proj="gated-gelu"))
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), text_encoder=_clip(),
                         tokenizer=None, text_encoder_2=t5, tokenizer_2=None, transformer=transformer)
 
@@ -143,8 +145,8 @@ _TARGET = re.compile(
 
 
 def canonical(component: str, name: str) -> str:
-    if component.startswith("text_encoder") and name.startswith("encoder."):
-        return "text_model." + name  # transformers ≥ 5 flattens CLIPTextModel
+    if component.startswith("text_encoder") and name.startswith(("encoder.layers.", "embeddings.", "final_layer_norm")):
+        return "text_model." + name  # transformers ≥ 5 flattens CLIPTextModel (T5's encoder.block… stays)
     return name
 
 

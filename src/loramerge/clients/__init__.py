@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from ..errors import UsageError
 from ..formats import archs
 from ..formats.archs import Architecture, ClientFacts
-from ..formats.read import kind_of, parse, placed_prefix
+from ..formats.read import kind_of, parse
 from ..formats.schemes import Target
 from ..formats.sources import TensorSource, open_source
 
@@ -43,6 +43,7 @@ class FileModule:
     target: Target  # the canonical module(s) it changes (fused: row blocks in order)
     scale: float  # ΔW = scale · (product of its factors)
     alpha: float | None  # the value of its alpha key
+    exact: bool = True  # its name exists in a full-size model (else only up to layer numbers)
 
     def suffix(self, role: str) -> str:
         return self.keys[role][len(self.prefix):]
@@ -85,9 +86,8 @@ def view(source: TensorSource | str | os.PathLike, arch: str | None = None) -> F
         alpha = float(source.get(raw.roles["alpha"]).float().reshape(-1)[0]) if "alpha" in raw.roles else None
         modules.append(FileModule(
             raw.prefix, dict(raw.roles), {r: tuple(source.shape(k)) for r, k in raw.roles.items()}, kind_of(raw),
-            match.component, match.target, parsed.scale(raw), alpha,
+            match.component, match.target, parsed.scale(raw), alpha, match.exact,
         ))
-    assert all(placed_prefix(r) in parsed.shapes for r in parsed.raw_modules)
     return FileView(str(source.path), parsed.reading.arch, parsed.reading.variant, dict(source.metadata),
                     list(source.keys()), modules, source)
 
@@ -336,9 +336,12 @@ def arch_of(name: str) -> Architecture:
 # helpers the client modules share
 
 
-def lookup(arch: Architecture, namings: list[tuple[str, "archs.Naming"]], prefix: str) -> list[tuple[str, Target]]:
+def lookup(arch: Architecture, namings: list[tuple[str, "archs.Naming"]], prefix: str,
+           exact: bool = True) -> list[tuple[str, Target]]:
     """Every (component, target) a key prefix names under the given (component, naming) pairs,
-    spelled literally (no aliases: a client compares strings)."""
+    spelled literally (no aliases: a client compares strings). Names are those of the full-size
+    models; with ``exact`` False also names beyond them up to layer numbers (a file made for a
+    larger model than the tables: the client's model then has those modules)."""
     from ..formats.placement import name_index
 
     found = []
@@ -347,7 +350,8 @@ def lookup(arch: Architecture, namings: list[tuple[str, "archs.Naming"]], prefix
             continue
         rest = prefix[len(naming.prefix):]
         index = name_index(arch, component, naming)
-        names = index.unflatten(rest) if naming.flat else ([rest] if index.dotted(rest) is not None else [])
+        names = index.unflatten(rest) if naming.flat else [rest]
+        names = [n for n in names if index.dotted(n) or (not exact and index.dotted(n) is not None)]
         for name in names:
             target = naming.scheme.decode(name)
             if target is not None:

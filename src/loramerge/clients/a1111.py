@@ -26,13 +26,9 @@ _RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_
 _OPENCLIP = (("mlp_fc1", "mlp_c_fc"), ("mlp_fc2", "mlp_c_proj"), ("self_attn", "attn"))
 _X_PROJ = re.compile(r"(.*)_([qkv]_proj)$")
 
-# parameter sets each module type accepts (network_lora, _hada, _lokr, _full, …)
-_TYPES = (
-    ({"lora_up.weight", "lora_down.weight"}, {"lora_mid.weight", "alpha", "scale", "dora_scale"}),
-    ({"lora_A.weight", "lora_B.weight"}, {"lora_mid.weight", "alpha", "scale", "dora_scale"}),
-    ({"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, set()),
-    ({"diff"}, set()),
-)
+# the parameters each module type needs (network_lora, network_hada, network_full; LoKr below)
+_TYPES = ({"lora_up.weight", "lora_down.weight"}, {"lora_A.weight", "lora_B.weight"},
+          {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}, {"diff"})
 
 
 def _openclip(rest: str) -> str:
@@ -105,7 +101,7 @@ class A1111(Client):
             resolved[name] = place
         reading = Reading()
         for name, params in groups.items():
-            if not any(need <= set(params) for need, _ in _TYPES) and not _lokr(params):
+            if not self.accepts(set(params)):
                 return Reading("rejected", f"module {name} has {', '.join(sorted(params))}, which no module type "
                                            "accepts: AssertionError, the file does not load")
         applied: dict[str, Application] = {}
@@ -119,6 +115,12 @@ class A1111(Client):
         self.together(file, facts, reading)
         return reading
 
+    @staticmethod
+    def accepts(params: set[str]) -> bool:
+        """Whether some module type takes this parameter set (extra parameters are ignored)."""
+        lokr = any(p in params for p in ("lokr_w1", "lokr_w1_a")) and any(p in params for p in ("lokr_w2", "lokr_w2_a"))
+        return lokr or any(need <= params for need in _TYPES)
+
     def resolve(self, arch: Architecture, model, head: str, is_sd2: bool, m: FileModule):
         """The registered module a key's module part reaches, as (A1111 key, (component, target)).
         (The ``q/k/v_proj`` fallback onto a MultiheadAttention is in the facts' module names:
@@ -130,7 +132,7 @@ class A1111(Client):
             attempts += [head.replace("lora_te1_text_model", "0_transformer_text_model"),
                          head.replace("lora_te1_text_model", "transformer_text_model")]
         for name in attempts:
-            found = pick(lookup(arch, model, name), m)
+            found = pick(lookup(arch, model, name, m.exact), m)
             if found is not None:
                 return name, found
         return None
@@ -162,11 +164,6 @@ class A1111(Client):
                         a.target = None
                         a.why = (f"A1111 applies layer {layer}'s attention only with all of q, k, v, out "
                                  f"({len(apps)} of {len(templates)} in the file)")
-
-
-def _lokr(params: dict[str, str]) -> bool:
-    has = set(params)
-    return any(p in has for p in ("lokr_w1", "lokr_w1_a")) and any(p in has for p in ("lokr_w2", "lokr_w2_a"))
 
 
 CLIENT = A1111()

@@ -56,7 +56,7 @@ class ComfyUI(Client):
         return reading
 
     def apply(self, arch: Architecture, namings, m: FileModule) -> Application:
-        found = pick(lookup(arch, namings, m.prefix), m)
+        found = pick(lookup(arch, namings, m.prefix, m.exact), m)
         if found is None:
             return Application(m, why=f"no {self.label} key for {m.prefix!r}")
         component, target = found

@@ -86,8 +86,10 @@ def pattern_key(patterns, key: str) -> str | None:
     return None
 
 
-def peft_kwargs(ranks: dict[str, int], alphas: dict[str, float] | None, is_unet: bool) -> dict:
-    """diffusers' get_peft_kwargs: most common rank and alpha, the others as patterns."""
+def peft_kwargs(ranks: dict[str, int], alphas: dict[str, float] | None, is_unet: bool, tensors: bool = False) -> dict:
+    """diffusers' get_peft_kwargs: most common rank and alpha, the others as patterns. With
+    ``tensors`` (the Flux loader keeps alphas as 0-d tensors, which count and hash by identity)
+    the "most common" alpha is the first one, whenever there are two or more."""
     values = list(ranks.values())
     r = lora_alpha = values[0]
     rank_pattern: dict[str, int] = {}
@@ -98,8 +100,9 @@ def peft_kwargs(ranks: dict[str, int], alphas: dict[str, float] | None, is_unet:
         if not alphas:
             lora_alpha, alpha_pattern = r, dict(rank_pattern)  # alpha = rank: scale 1 everywhere
     if alphas:
-        if len(set(alphas.values())) > 1:
-            lora_alpha = collections.Counter(alphas.values()).most_common()[0][0]
+        if len(alphas) > 1 if tensors else len(set(alphas.values())) > 1:
+            values = list(alphas.values())
+            lora_alpha = values[0] if tensors else collections.Counter(values).most_common()[0][0]
             odd = {k: v for k, v in alphas.items() if v != lora_alpha}
             if is_unet:
                 alpha_pattern = {k.split(".lora_A.")[0].replace(".alpha", ""): v for k, v in odd.items()}
@@ -118,7 +121,7 @@ def _targeted(targets, path: str) -> bool:
 
 
 def inject(arch: Architecture, component: str, keys: list[Key], alphas: dict[str, float] | None,
-           metadata: dict | None, text: bool) -> list[Application]:
+           metadata: dict | None, text: bool, tensor_alphas: bool = False) -> list[Application]:
     """PEFT's reading of one component's keys (already stripped of the component prefix)."""
     flat = text and _flat_clip(arch, component)
     if flat:
@@ -147,7 +150,7 @@ def inject(arch: Architecture, component: str, keys: list[Key], alphas: dict[str
     if metadata is not None:
         config = dict(metadata)
     elif ranks:
-        config = peft_kwargs(ranks, alphas, is_unet=not text)
+        config = peft_kwargs(ranks, alphas, not text, tensor_alphas)
         config["target_modules"] = sorted({k.name.split(".lora")[0] for k in keys})
     else:
         raise Rejected(f"no {component} key diffusers can take a rank from (IndexError): the load fails")
@@ -155,11 +158,15 @@ def inject(arch: Architecture, component: str, keys: list[Key], alphas: dict[str
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     targets = config.get("target_modules") or []
     bias_on = config.get("lora_bias", any(k.name.endswith(".lora_B.bias") for k in keys))
+    paths = [n.removeprefix("text_model.") if flat else n for n in index.exact]
+    if not any(_targeted(targets, p) for p in paths):
+        raise Rejected(f"PEFT finds none of the adapter's target modules in {component} "
+                       "(NoMatchingPeftModuleError): the load fails")
     out = []
     for path, down, up in modules:
         m = up.module
         name = canonical(path)
-        if index.dotted(name) is None:
+        if not index.dotted(name) and (m.exact or index.dotted(name) is None):
             out.append(Application(m, why=f"diffusers: no module {component}.{path} ('unexpected keys')"))
             continue
         if not _targeted(targets, path):
@@ -239,7 +246,8 @@ def text_to_peft(keys: list[Key]) -> list[Key]:
                    "('Could not automatically infer state dict type')")
 
 
-def load_component(arch, component: str, keys: list[Key], alphas, metadata, text: bool) -> list[Application]:
+def load_component(arch, component: str, keys: list[Key], alphas, metadata, text: bool,
+                   tensor_alphas: bool = False) -> list[Application]:
     prefix = component + "."
     sub = [Key(k.name[len(prefix):], k.module, k.original, k.scale) for k in keys if k.name.startswith(prefix)]
     if not sub:
@@ -254,7 +262,7 @@ def load_component(arch, component: str, keys: list[Key], alphas, metadata, text
         sub = text_to_peft(sub)
     elif "lora_A" not in sub[0].name:
         sub = _convert(sub, _UNET_TO_PEFT)
-    return inject(arch, component, sub, sub_alphas, sub_meta, text)
+    return inject(arch, component, sub, sub_alphas, sub_meta, text, tensor_alphas)
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,15 +542,15 @@ class Diffusers(Client):
             raise Rejected(f"key {odd[0]!r} has no 'lora' in it: 'Invalid LoRA checkpoint', the load fails")
         return self.components_load(file, facts, keys, None, meta)
 
-    def components_load(self, file, facts, keys, alphas, meta, taken=frozenset()) -> list[Application]:
+    def components_load(self, file, facts, keys, alphas, meta, taken=frozenset(), tensor_alphas=False):
         """PEFT loading of every loadable component; ``taken``: alpha keys read as network alphas."""
         if alphas and meta:
             raise Rejected("the file has both alphas and lora_adapter_metadata: 'Both `network_alphas` and "
                            "`metadata` cannot be specified', the load fails")
         apps = []
         for component in self.components(file, facts):
-            apps += load_component(file.arch, component, keys, alphas, meta,
-                                   text=component != file.arch.denoiser)
+            apps += load_component(file.arch, component, keys, alphas, meta, component != file.arch.denoiser,
+                                   tensor_alphas)
         for app in apps:
             alpha = app.module.keys.get("alpha")
             if app.target is not None and alpha in taken:
@@ -570,7 +578,7 @@ class Diffusers(Client):
         rest = [k for k in keys if "alpha" not in k.name]
         if not any("lora" in k.name for k in rest):
             raise Rejected("no key has 'lora' in it: 'Invalid LoRA checkpoint', the load fails")
-        return self.components_load(file, facts, rest, alphas or None, meta, set(alphas))
+        return self.components_load(file, facts, rest, alphas or None, meta, set(alphas), tensor_alphas=True)
 
 
 CLIENT = Diffusers()
