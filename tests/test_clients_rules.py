@@ -183,6 +183,23 @@ def test_dit_clients(tmp_path):
     assert v.bias_lost == [f"{t}"] and not v.lost and not v.scales
 
 
+def run(*args):
+    """The command line in this process (the installed entry point is run once, below)."""
+    from typer.testing import CliRunner
+
+    from loramerge.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_check_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "loramerge", "check", tmp_path / "nothing.safetensors"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nothing.safetensors'}: no such file"]
+
+
 @pytest.mark.parametrize("args, needle", [
     (["nothing.safetensors"], "nothing.safetensors"),
     (["{bad}"], "bad.safetensors"),
@@ -194,16 +211,10 @@ def test_check_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
     good = write(tmp_path, "good", "sd1", lora(f"lora_unet_{FF.replace('.', '_')}", alpha=1))
     args = [a.format(bad=tmp_path / "bad.safetensors", good=good, out=tmp_path / "o.safetensors") for a in args]
-    proc = subprocess.run([sys.executable, "-m", "loramerge", "check", *args], capture_output=True, text=True,
-                          cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    lines = [x for x in proc.stderr.splitlines() if x.strip()]
-    assert len(lines) == 1 and needle in lines[0], proc.stderr
-
-
-def run(*args):
-    proc = subprocess.run([sys.executable, "-m", "loramerge", *map(str, args)], capture_output=True, text=True)
-    return proc.returncode, proc.stdout, proc.stderr
+    code, _, err = run("check", *args)
+    assert code == 2, err
+    lines = [x for x in err.splitlines() if x.strip()]
+    assert len(lines) == 1 and needle in lines[0], err
 
 
 def test_check_command_exit_codes_json_fix_and_inspect(tmp_path):
