@@ -44,6 +44,7 @@ class FileModule:
     scale: float  # ΔW = scale · (product of its factors)
     alpha: float | None  # the value of its alpha key
     exact: bool = True  # its name exists in a full-size model (else only up to layer numbers)
+    label: str = "?"  # the format its naming belongs to (kohya, diffusers, comfyui…)
 
     def suffix(self, role: str) -> str:
         return self.keys[role][len(self.prefix):]
@@ -86,7 +87,7 @@ def view(source: TensorSource | str | os.PathLike, arch: str | None = None) -> F
         alpha = float(source.get(raw.roles["alpha"]).float().reshape(-1)[0]) if "alpha" in raw.roles else None
         modules.append(FileModule(
             raw.prefix, dict(raw.roles), {r: tuple(source.shape(k)) for r, k in raw.roles.items()}, kind_of(raw),
-            match.component, match.target, parsed.scale(raw), alpha, match.exact,
+            match.component, match.target, parsed.scale(raw), alpha, match.exact, match.naming.label,
         ))
     return FileView(str(source.path), parsed.reading.arch, parsed.reading.variant, dict(source.metadata),
                     list(source.keys()), modules, source)
@@ -289,17 +290,9 @@ def check(source: TensorSource | str | os.PathLike, clients=None, arch: str | No
 def _format_label(file: FileView) -> str:
     from collections import Counter
 
-    from ..formats.placement import matches
-
-    labels = Counter()
-    for m in file.modules:
-        found = [x for x in matches(file.arch, placed(m.prefix)) if x.target == m.target]
-        labels[found[0].naming.label if found else "?"] += 1
-    return labels.most_common(1)[0][0] if labels else "?"
-
-
-def placed(prefix: str) -> str:
-    return prefix.removeprefix("base_model.model.")
+    if any(m.kind != "lora" or "mid" in m.keys for m in file.modules):
+        return "lycoris"
+    return Counter(m.label for m in file.modules).most_common(1)[0][0]
 
 
 def format_report(report: Report, details: int = 8) -> str:
@@ -321,15 +314,6 @@ def format_report(report: Report, details: int = 8) -> str:
         for note in v.notes:
             lines.append(f"      note: {note}")
     return "\n".join(lines)
-
-
-def one_line(report: Report) -> str:
-    """What ``inspect`` prints: every client's outcome on one line."""
-    return ", ".join(f"{v.client} {'✓' if v.exact else '✗ ' + v.summary()}" for v in report.verdicts)
-
-
-def arch_of(name: str) -> Architecture:
-    return archs.spec(name)
 
 
 # --------------------------------------------------------------------------------------------
