@@ -357,7 +357,7 @@ def _file_products(path, file):
     return out
 
 
-def assert_check_agrees(arch, path, folded=False):
+def assert_check_agrees(arch, path, folded=False, also=()):
     """`check --client diffusers` against diffusers' load_lora_weights: the same outcome, the same
     modules applied, and per module the same ΔW (and, where no converter folds the scale into the
     factors, the same PEFT `scaling`). Returns the verdict."""
@@ -371,7 +371,7 @@ def assert_check_agrees(arch, path, folded=False):
         pipe.unload_lora_weights()
         return verdict
     assert verdict.outcome == "loaded", f"diffusers loaded it; check said {verdict.summary()}"
-    got = {k: v for k, v in tiny.injected(pipe, components, "x").items() if float(v[1].abs().max()) > 0}
+    got = {k: v for k, v in tiny.injected(pipe, (*components, *also), "x").items() if float(v[1].abs().max()) > 0}
     pipe.unload_lora_weights()
     file = clients.view(path)
     products = _file_products(path, file)
@@ -426,6 +426,15 @@ def test_check_predicts_diffusers_on_kohya_sd_files(tmp_path):
     sgm_names = lambda arch, component, name: "lora_unet_" + diffusers_to_sgm(name, (1, 2, 3)).replace(".", "_")  # noqa: E731
     v = assert_check_agrees("sd1", _kohya(tmp_path / "sgm.safetensors", "sd1", unet_only, names=sgm_names))
     assert len(v.lost) == len(unet_only)
+    q = tiny.kohya_key("sd1", "unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q")
+    loha = {f"{q}.hada_w1_a": torch.ones(32, 2), f"{q}.hada_w1_b": torch.ones(2, 32),
+            f"{q}.hada_w2_a": torch.ones(32, 2), f"{q}.hada_w2_b": torch.ones(2, 32)}
+    assert assert_check_agrees("sd1", _kohya(tmp_path / "loha.safetensors", "sd1", some, loha)).outcome == "rejected"
+    conv, (up, down, _) = next((k, f) for k, f in sorted(fac.items()) if k[1].endswith("resnets.0.conv1"))
+    key = tiny.kohya_key("sd1", *conv)
+    tucker = {f"{key}.lora_up.weight": up.reshape(up.shape[0], -1, 1, 1), f"{key}.lora_mid.weight":
+              torch.ones(down.shape[0], down.shape[0], 3, 3), f"{key}.lora_down.weight": down[:, :, :1, :1].contiguous()}
+    assert assert_check_agrees("sd1", _kohya(tmp_path / "mid.safetensors", "sd1", some, tucker)).outcome == "rejected"
     attention = {k: f for k, f in fac.items() if k[0] == "text_encoder" and k[1].split(".")[-1] in ("q_proj", "v_proj")}
     assert assert_check_agrees("sd1", _kohya(tmp_path / "qv.safetensors", "sd1", attention)).outcome == "rejected"
     with_mlp = {k: f for k, f in fac.items() if k[0] == "text_encoder" and "out_proj" not in k[1]}
@@ -474,6 +483,10 @@ def test_check_predicts_diffusers_on_peft_sd3_and_flux_files(tmp_path):
     fac = factors(mods, seed=14)
     merged = loramerge.load(_peft(tmp_path / "sd3.safetensors", fac, "metadata", "sd3"))
     assert assert_check_agrees("sd3", tmp_path / "sd3.safetensors").exact
+    t5 = factors(dict(sorted(layers(pipe, ("text_encoder_3",)).items())[:4]), seed=16)
+    v = assert_check_agrees("sd3", _peft(tmp_path / "sd3t5.safetensors", {**fac, **t5}, "metadata", "sd3"),
+                            also=("text_encoder_3",))
+    assert set(v.lost) == {f"{c}.{n}" for c, n in t5}
     loramerge.save(merged, tmp_path / "sd3k.safetensors", format="kohya")
     v = assert_check_agrees("sd3", tmp_path / "sd3k.safetensors")
     assert len(v.lost) == v.modules
@@ -491,6 +504,12 @@ def test_check_predicts_diffusers_on_peft_sd3_and_flux_files(tmp_path):
     loramerge.save(lora, tmp_path / "fluxd.safetensors", format="diffusers")
     v = assert_check_agrees("flux", tmp_path / "fluxd.safetensors")
     assert set(v.lost) == set(t5) and not v.scales
+    # kohya single_blocks_N_linear1 is split at Flux.1's sizes (3072 ×3, 12288): other widths fail
+    single = {k: f for k, f in fac.items() if k[1].startswith("single_transformer_blocks.0.")}
+    loramerge.save(loramerge.load(_peft(tmp_path / "single.safetensors", single, "keys", "flux1")),
+                   tmp_path / "singlek.safetensors", format="kohya")
+    v = assert_check_agrees("flux", tmp_path / "singlek.safetensors")
+    assert v.outcome == "rejected" and "3072" in v.message
 
 
 def _peft(path, fac, alphas_as, version):
