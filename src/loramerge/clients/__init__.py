@@ -211,11 +211,11 @@ def judge(name: str, label: str, file: FileView, reading: Reading) -> Verdict:
 
 
 class Client:
-    """Base: a client reads a :class:`FileView` with the architecture's facts for it."""
+    """Base: a client reads a :class:`FileView` with the architecture's facts for it.
+    ``read_from``: the source and version its rules were restated from."""
 
-    name = "client"
-    label = "client"
-    read_from = ""  # the source and version its rules were restated from
+    def __init__(self, name: str, label: str, read_from: str):
+        self.name, self.label, self.read_from = name, label, read_from
 
     def facts(self, arch: Architecture) -> ClientFacts | None:
         return arch.clients.get(self.name)

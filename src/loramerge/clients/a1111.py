@@ -17,14 +17,14 @@ from __future__ import annotations
 import re
 
 from ..formats.archs import Architecture, ClientFacts
-from ..formats.schemes.clientnames import A1111_OPENCLIP
+from ..formats.schemes.clientnames import A1111_OPENCLIP, layer_groups
 from . import Application, Client, FileModule, FileView, Reading, lookup, pick
 from .comfyui import lycoris_scale
 
 _RESNET = {"conv1": "in_layers_2", "conv2": "out_layers_3", "norm1": "in_layers_0", "norm2": "out_layers_0",
            "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
 _OPENCLIP = (("mlp_fc1", "mlp_c_fc"), ("mlp_fc2", "mlp_c_proj"), ("self_attn", "attn"))
-_X_PROJ = re.compile(r"(.*)_([qkv]_proj)$")
+_PARTS = r"_(?P<kind>attentions|resnets)_(?P<layer>\d+)_(?P<rest>.+)"
 
 # the parameters each module type needs (network_lora, network_hada, network_full; LoKr below)
 _TYPES = ({"lora_up.weight", "lora_down.weight"}, {"lora_A.weight", "lora_B.weight"},
@@ -38,52 +38,47 @@ def _openclip(rest: str) -> str:
     return rest
 
 
+def _block(place):
+    """A kohya diffusers block name → A1111's (LDM) block and slot, resnet parts renamed."""
+    def convert(m, is_sd2):
+        kind, rest = m["kind"], m["rest"]
+        inner = _RESNET.get(rest, rest) if kind == "resnets" else rest
+        return f"diffusion_model_{place(int(m['block'] or 0), kind == 'attentions', int(m['layer']))}_{inner}"
+    return convert
+
+
+def _text(m, is_sd2):
+    if is_sd2:
+        return f"model_transformer_resblocks_{m[1]}_{_openclip(m[2])}"
+    return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
+
+
+# convert_diffusers_name_to_compvis, rule by rule in A1111's order (SD1's block layout throughout)
+_RULES = tuple((re.compile(p), f) for p, f in (
+    (r"lora_unet_conv_in(.*)", lambda m, sd2: f"diffusion_model_input_blocks_0_0{m[1]}"),
+    (r"lora_unet_conv_out(.*)", lambda m, sd2: f"diffusion_model_out_2{m[1]}"),
+    (r"lora_unet_time_embedding_linear_(\d+)(.*)", lambda m, sd2: f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"),
+    (r"lora_unet_down_blocks_(?P<block>\d+)" + _PARTS, _block(lambda b, attn, i: f"input_blocks_{1 + b * 3 + i}_{int(attn)}")),
+    (r"lora_unet_mid_block(?P<block>)" + _PARTS, _block(lambda b, attn, i: f"middle_block_{1 if attn else i * 2}")),
+    (r"lora_unet_up_blocks_(?P<block>\d+)" + _PARTS, _block(lambda b, attn, i: f"output_blocks_{b * 3 + i}_{int(attn)}")),
+    (r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", lambda m, sd2: f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"),
+    (r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv",
+     lambda m, sd2: f"diffusion_model_output_blocks_{2 + int(m[1]) * 3}_{2 if int(m[1]) > 0 else 1}_conv"),
+    (r"lora_te_text_model_encoder_layers_(\d+)_(.+)", _text),
+    (r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", lambda m, sd2: f"1_model_transformer_resblocks_{m[1]}_{_openclip(m[2])}"),
+))
+
+
 def to_compvis(key: str, is_sd2: bool) -> str:
     """``convert_diffusers_name_to_compvis``: kohya diffusers-style names → A1111 module names."""
-    m = re.match(r"lora_unet_conv_in(.*)", key)
-    if m:
-        return f"diffusion_model_input_blocks_0_0{m[1]}"
-    m = re.match(r"lora_unet_conv_out(.*)", key)
-    if m:
-        return f"diffusion_model_out_2{m[1]}"
-    m = re.match(r"lora_unet_time_embedding_linear_(\d+)(.*)", key)
-    if m:
-        return f"diffusion_model_time_embed_{int(m[1]) * 2 - 2}{m[2]}"
-    m = re.match(r"lora_unet_down_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key)
-    if m:
-        rest = _RESNET.get(m[4], m[4]) if m[2] == "resnets" else m[4]
-        return f"diffusion_model_input_blocks_{1 + int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_{rest}"
-    m = re.match(r"lora_unet_mid_block_(attentions|resnets)_(\d+)_(.+)", key)
-    if m:
-        rest = _RESNET.get(m[3], m[3]) if m[1] == "resnets" else m[3]
-        return f"diffusion_model_middle_block_{1 if m[1] == 'attentions' else int(m[2]) * 2}_{rest}"
-    m = re.match(r"lora_unet_up_blocks_(\d+)_(attentions|resnets)_(\d+)_(.+)", key)
-    if m:
-        rest = _RESNET.get(m[4], m[4]) if m[2] == "resnets" else m[4]
-        return f"diffusion_model_output_blocks_{int(m[1]) * 3 + int(m[3])}_{1 if m[2] == 'attentions' else 0}_{rest}"
-    m = re.match(r"lora_unet_down_blocks_(\d+)_downsamplers_0_conv", key)
-    if m:
-        return f"diffusion_model_input_blocks_{3 + int(m[1]) * 3}_0_op"
-    m = re.match(r"lora_unet_up_blocks_(\d+)_upsamplers_0_conv", key)
-    if m:
-        block = int(m[1])
-        return f"diffusion_model_output_blocks_{2 + block * 3}_{2 if block > 0 else 1}_conv"
-    m = re.match(r"lora_te_text_model_encoder_layers_(\d+)_(.+)", key)
-    if m:
-        if is_sd2:
-            return f"model_transformer_resblocks_{m[1]}_{_openclip(m[2])}"
-        return f"transformer_text_model_encoder_layers_{m[1]}_{m[2]}"
-    m = re.match(r"lora_te2_text_model_encoder_layers_(\d+)_(.+)", key)
-    if m:
-        return f"1_model_transformer_resblocks_{m[1]}_{_openclip(m[2])}"
+    for pattern, convert in _RULES:
+        m = pattern.match(key)
+        if m:
+            return convert(m, is_sd2)
     return key
 
 
 class A1111(Client):
-    name = "a1111"
-    label = "A1111"
-    read_from = "AUTOMATIC1111/stable-diffusion-webui v1.10 (July 2024)"
-
     def load(self, file: FileView, facts: ClientFacts) -> Reading:
         model = list(facts.model.items())
         # A1111 converts lora_te_ keys the SD2 way when 'model_transformer_resblocks' is registered
@@ -149,21 +144,14 @@ class A1111(Client):
     def together(self, file: FileView, facts: ClientFacts, reading: Reading) -> None:
         """OpenCLIP attention: q, k, v, out of a layer applied only when all four are there."""
         for component, templates in facts.together.items():
-            patterns = [re.compile(re.escape(t).replace(r"\{i\}", r"(\d+)") + "$") for t in templates]
-            layers: dict[str, list[Application]] = {}
-            for app in reading.applications:
-                if app.target is None or app.component != component:
-                    continue
-                for p in patterns:
-                    hit = p.match(app.target.members[0])
-                    if hit:
-                        layers.setdefault(hit.group(1), []).append(app)
-            for layer, apps in layers.items():
-                if len({a.target.members[0] for a in apps}) < len(templates):
-                    for a in apps:
+            applied = [(a.target.members[0], a) for a in reading.applications
+                       if a.target is not None and a.component == component]
+            for layer, group in layer_groups(templates, applied).items():
+                if len(group) < len(templates):
+                    for a in group.values():
                         a.target = None
                         a.why = (f"A1111 applies layer {layer}'s attention only with all of q, k, v, out "
-                                 f"({len(apps)} of {len(templates)} in the file)")
+                                 f"({len(group)} of {len(templates)} in the file)")
 
 
-CLIENT = A1111()
+CLIENT = A1111("a1111", "A1111", "AUTOMATIC1111/stable-diffusion-webui v1.10 (July 2024)")

@@ -28,9 +28,6 @@ MID_WITH = ".lora_up.weight"  # lora_mid (Tucker) is read only next to this spel
 
 
 class ComfyUI(Client):
-    name = "comfyui"
-    label = "ComfyUI"
-    read_from = "Comfy-Org/ComfyUI a125cd8 (2025-10-12)"
     spellings = LORA_SPELLINGS
     leftover_limit: int | None = None  # Forge: more unused keys than this and the file is ignored
 
@@ -99,4 +96,4 @@ def sliced(arch: Architecture, component: str, target) -> bool:
     return encoded is not None and encoded[0].fused
 
 
-CLIENT = ComfyUI()
+CLIENT = ComfyUI("comfyui", "ComfyUI", "Comfy-Org/ComfyUI a125cd8 (2025-10-12)")

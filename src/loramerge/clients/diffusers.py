@@ -488,10 +488,6 @@ def _flux_mixture(keys: list[Key]) -> list[Key]:
 
 
 class Diffusers(Client):
-    name = "diffusers"
-    label = "diffusers"
-    read_from = "diffusers 0.42.1 (peft 0.21.2, transformers 5.24)"
-
     def load(self, file: FileView, facts: ClientFacts) -> Reading:
         owner = file.module_of()
         keys = [Key(k, owner[k], k) for k in file.keys if "dora_scale" not in k]
@@ -581,4 +577,4 @@ class Diffusers(Client):
         return self.components_load(file, facts, rest, alphas or None, meta, set(alphas), tensor_alphas=True)
 
 
-CLIENT = Diffusers()
+CLIENT = Diffusers("diffusers", "diffusers", "diffusers 0.42.1 (peft 0.21.2, transformers 5.24)")

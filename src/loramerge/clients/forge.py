@@ -13,11 +13,8 @@ from .comfyui import LORA_SPELLINGS, ComfyUI
 
 
 class Forge(ComfyUI):
-    name = "forge"
-    label = "Forge"
-    read_from = "lllyasviel/stable-diffusion-webui-forge dfdcbab (2025-06-26)"
     spellings = LORA_SPELLINGS[:5]
     leftover_limit = 12
 
 
-CLIENT = Forge()
+CLIENT = Forge("forge", "Forge", "lllyasviel/stable-diffusion-webui-forge dfdcbab (2025-06-26)")

@@ -137,7 +137,7 @@ def client_warning(lora: LoRA, arch: Architecture, format: str, dtype: torch.dty
 def complete_groups(lora: LoRA, arch: Architecture, format: str) -> LoRA:
     """Add zero modules so every group a client applies all-or-nothing (its facts' ``together``)
     is complete in kohya-named files (A1111 ignores an OpenCLIP layer's attention otherwise)."""
-    import re
+    from .schemes.clientnames import layer_groups
 
     extra: list[LoraModule] = []
     alphas = collections.Counter(m.alpha for m in lora)
@@ -146,14 +146,8 @@ def complete_groups(lora: LoRA, arch: Architecture, format: str) -> LoRA:
             naming = arch.naming(format, component)
             if naming is None or naming.style != "kohya":
                 continue
-            patterns = [re.compile(re.escape(t).replace(r"\{i\}", r"(\d+)") + "$") for t in templates]
-            layers: dict[str, dict[int, LoraModule]] = {}
-            for m in lora:
-                for position, p in enumerate(patterns):
-                    hit = p.match(m.name) if m.component == component else None
-                    if hit:
-                        layers.setdefault(hit.group(1), {})[position] = m
-            for layer, present in layers.items():
+            mine = [(m.name, m) for m in lora if m.component == component]
+            for layer, present in layer_groups(templates, mine).items():
                 sibling = next(iter(present.values()))
                 for position, t in enumerate(templates):
                     name = t.replace("{i}", layer)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..schemes import Scheme
 from ..schemes.clientnames import CLIP_LAYER_MODULES, PROCESSOR, Only
 from ..schemes.diffusers import DIFFUSERS, HF_TEXT
-from . import Naming
+from . import ClientFacts, Naming
 from ._common import kohya, peft
 
 CLIP_LAYERS = Only(HF_TEXT, CLIP_LAYER_MODULES)
@@ -58,3 +58,17 @@ def projection(prefix: str, flat: bool = True) -> tuple[Naming, ...]:
 def a1111_model(scheme: Scheme, prefix: str) -> Naming:
     """A1111 registers a module under its dotted path in the model with '.' → '_'."""
     return Naming(prefix, scheme, flat=True)
+
+
+def sd_clients(unet: Scheme, clip: str, a1111_text: Naming, together: dict | None = None) -> dict[str, ClientFacts]:
+    """SD1/SD2 (one text encoder): the four clients' facts, given the UNet's sgm scheme,
+    ComfyUI's name for the encoder and how A1111 names its modules."""
+    kohya_te = ("lora_te_", "lora_te1_")
+    return {
+        "diffusers": ClientFacts("sd"),
+        "comfyui": ClientFacts("comfyui", names={
+            "unet": sd_unet_names(), "text_encoder": clip_names(kohya_te, "text_encoder.", f"text_encoders.{clip}.transformer.")}),
+        "forge": ClientFacts("forge", names={"unet": sd_unet_names(), "text_encoder": clip_names(kohya_te, "text_encoder.")}),
+        "a1111": ClientFacts("a1111", model={"unet": a1111_model(unet, "diffusion_model_"), "text_encoder": a1111_text},
+                             together=together or {}),
+    }

@@ -3,8 +3,8 @@
 from ..blockgrammar import SD_VECTORS, UnetBlocks
 from ..schemes.diffusers import DIFFUSERS, HF_TEXT
 from ..schemes.sgm import Sgm
-from . import Architecture, ClientFacts, Component, Identity, Naming
-from ._clients import a1111_model, clip_names, sd_unet_names
+from . import Architecture, Component, Identity, Naming
+from ._clients import a1111_model, sd_clients
 from ._common import CLIP_L, STABILITY, kohya, peft, text_encoder
 
 UP_WITH_ATTENTION = (1, 2, 3)
@@ -56,14 +56,5 @@ ARCH = Architecture(
                                    "stable-diffusion-1", "sd-legacy/stable-diffusion-v1")),
     blocks=UnetBlocks(UP_WITH_ATTENTION, down_blocks=4, vectors=SD_VECTORS),
     pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
-    clients={
-        "diffusers": ClientFacts("sd"),
-        "comfyui": ClientFacts("comfyui", names={
-            "unet": sd_unet_names(),
-            "text_encoder": clip_names(("lora_te_", "lora_te1_"), "text_encoder.", "text_encoders.clip_l.transformer.")}),
-        "forge": ClientFacts("forge", names={
-            "unet": sd_unet_names(), "text_encoder": clip_names(("lora_te_", "lora_te1_"), "text_encoder.")}),
-        "a1111": ClientFacts("a1111", model={"unet": a1111_model(SGM, "diffusion_model_"),
-                                             "text_encoder": a1111_model(HF_TEXT, "transformer_")}),
-    },
+    clients=sd_clients(SGM, "clip_l", a1111_model(HF_TEXT, "transformer_")),
 )

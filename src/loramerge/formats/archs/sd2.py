@@ -4,8 +4,8 @@ from ..blockgrammar import SD_VECTORS, UnetBlocks
 from ..schemes.diffusers import DIFFUSERS, HF_TEXT
 from ..schemes.openclip import OPENCLIP
 from ..schemes.clientnames import A1111_OPENCLIP, OPENCLIP_ATTENTION
-from . import Architecture, ClientFacts, Identity, Naming
-from ._clients import a1111_model, clip_names, sd_unet_names
+from . import Architecture, Identity, Naming
+from ._clients import a1111_model, sd_clients
 from ._common import OPENCLIP_H, STABILITY, kohya, peft, text_encoder
 from .sd1 import SGM, UP_WITH_ATTENTION, unet, unet_config
 
@@ -30,15 +30,6 @@ ARCH = Architecture(
                       header={"ss_v2": "True"}),  # what A1111/Forge's LoRA pages read as SD2
     blocks=UnetBlocks(UP_WITH_ATTENTION, down_blocks=4, vectors=SD_VECTORS),
     pipelines=(),  # SD2 folders use StableDiffusionPipeline too: told apart from SD1 by width
-    clients={
-        "diffusers": ClientFacts("sd"),
-        "comfyui": ClientFacts("comfyui", names={
-            "unet": sd_unet_names(),
-            "text_encoder": clip_names(("lora_te_", "lora_te1_"), "text_encoder.", "text_encoders.clip_h.transformer.")}),
-        "forge": ClientFacts("forge", names={
-            "unet": sd_unet_names(), "text_encoder": clip_names(("lora_te_", "lora_te1_"), "text_encoder.")}),
-        "a1111": ClientFacts("a1111", model={"unet": a1111_model(SGM, "diffusion_model_"),
-                                             "text_encoder": a1111_model(A1111_OPENCLIP, "model_")},
-                             together={"text_encoder": OPENCLIP_ATTENTION}),
-    },
+    # A1111 holds OpenCLIP's attention as one MultiheadAttention: q, k, v, out apply together
+    clients=sd_clients(SGM, "clip_h", a1111_model(A1111_OPENCLIP, "model_"), {"text_encoder": OPENCLIP_ATTENTION}),
 )

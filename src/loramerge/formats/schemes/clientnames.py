@@ -72,3 +72,16 @@ A1111_OPENCLIP = RuleScheme("a1111-openclip", [
 ])
 # the modules of one OpenCLIP layer A1111 applies together or not at all
 OPENCLIP_ATTENTION = tuple(f"{_L}self_attn.{x}_proj" for x in ("q", "k", "v", "out"))
+
+
+def layer_groups(templates: tuple[str, ...], items) -> dict[str, dict[int, object]]:
+    """Group (canonical name, item) pairs by the layer ``{i}`` a template gives them:
+    {layer: {template position: item}} (a ClientFacts ``together`` group per layer)."""
+    patterns = [re.compile(re.escape(t).replace(r"\{i\}", r"(\d+)") + "$") for t in templates]
+    groups: dict[str, dict[int, object]] = {}
+    for name, item in items:
+        for position, pattern in enumerate(patterns):
+            hit = pattern.match(name)
+            if hit:
+                groups.setdefault(hit.group(1), {})[position] = item
+    return groups
