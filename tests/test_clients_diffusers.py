@@ -407,7 +407,8 @@ def test_check_predicts_diffusers_on_kohya_sd_files(tmp_path):
     """Per-module ranks and alphas (diffusers gives attention projections the most common alpha),
     a bias delta (ValueError), one PEFT-named key (kohya conversion skipped, kohya keys lost),
     SD1 keys in sgm names (not remapped), text-encoder attention without out/MLP (diffusers cannot
-    infer the state-dict type) and SDXL mixing sgm and diffusers block names (sgm keys dropped)."""
+    infer the state-dict type), SD2 with per-module alphas, and SDXL mixing sgm and diffusers block
+    names (sgm keys dropped)."""
     pipe, components = pipeline("sd1")
     mods = layers(pipe, components)
     fac = factors(mods, seed=11, ranks=(2, 3), alphas=(1.0, 1.0, 1.0, 2.0, None))
@@ -440,6 +441,10 @@ def test_check_predicts_diffusers_on_kohya_sd_files(tmp_path):
     with_mlp = {k: f for k, f in fac.items() if k[0] == "text_encoder" and "out_proj" not in k[1]}
     v = assert_check_agrees("sd1", _kohya(tmp_path / "nout.safetensors", "sd1", with_mlp))
     assert v.lost and all("self_attn" in k for k in v.lost)
+
+    pipe, components = pipeline("sd2")
+    fac = factors(layers(pipe, components), seed=17, alphas=(2.0, 2.0, 0.5))
+    assert assert_check_agrees("sd2", _kohya(tmp_path / "sd2.safetensors", "sd2", fac)).scales
 
     pipe, components = pipeline("sdxl")
     mods = layers(pipe, components, skip=A1111_LACKS)

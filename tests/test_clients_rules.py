@@ -265,6 +265,11 @@ def test_writers_warn_naming_the_client_and_the_format_that_loads(tmp_path):
     assert code == 0 and [x for x in err.splitlines() if x.startswith("warning:")] == [f"warning: c.safetensors in "
                                                                                        f"diffusers format: {text.split(': ', 1)[1]}"]
 
+    bias = write(tmp_path, "bias", "sd1", lora(f"lora_unet_{FF.replace('.', '_')}", alpha=1),
+                 {f"lora_unet_{FF.replace('.', '_')}.diff_b": rnd(8)})
+    with pytest.warns(ClientWarning, match=r"^k\.safetensors in kohya format: diffusers: rejected: .*diff_b.*"
+                                           r"\(--format diffusers loads exactly there\)"):
+        loramerge.save(loramerge.load(bias), tmp_path / "k.safetensors")
     flux = write(tmp_path, "flux", "flux", lora("lora_unet_img_in", out=8, inp=4, alpha=1),
                  lora("lora_unet_double_blocks_0_img_attn_proj", alpha=1))
     with pytest.warns(ClientWarning, match=r"diffusers: 1 of 2 modules lost.*--format diffusers loads exactly there"):

@@ -78,7 +78,10 @@ def save_lora(lora: LoRA, path, format: str | None = None, dtype=None, metadata:
     dtype = resolve_dtype(dtype) or lora.dtype
     tensors, header = encode(lora, arch, format, dtype, metadata)
     if warn:
-        message = client_warning(lora, arch, format, dtype, tensors, header, path)
+        try:
+            message = client_warning(lora, arch, format, dtype, tensors, header, path)
+        except Exception as exc:  # a diagnostic must not stop the write; say that it failed
+            message = f"{path}: could not check how clients load it ({type(exc).__name__}: {exc})"
         if message:
             warnings.warn(message, ClientWarning, stacklevel=3)
     save_file(path, tensors, header)
@@ -252,9 +255,11 @@ def file_alpha(groups: list[Group]) -> float:
     """The one alpha of a kohya file: the alpha that lets the most modules' folds be exact.
 
     A module of alpha a written with the file's alpha A gets its up factor multiplied by a/A;
-    when that is a power of two the multiplication is exact in every float format, so an
-    fp16/bf16 input converted to fp16/bf16 keeps its bits up to the exponent. Ties go to the
-    most common alpha (most folds are then × 1, nothing changes).
+    when that is a power of two the multiplication is exact in every float format (as long as
+    the values stay in its normal range: an overflow is caught by the finiteness check), so an
+    fp16/bf16 input converted to fp16/bf16 keeps its bits up to the exponent
+    (tests/test_clients_rules.py checks it bit for bit). Ties go to the most common alpha (most
+    folds are then × 1, nothing changes).
     """
     alphas = collections.Counter(a for g in groups for a in g.alphas if a > 0)
     if not alphas:
