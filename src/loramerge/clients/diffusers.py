@@ -181,7 +181,7 @@ def inject(arch: Architecture, component: str, keys: list[Key], alphas: dict[str
         alpha = alpha_pattern[ak] if ak is not None else a0
         scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
         bias_key = by_name.get(path + ".lora_B.bias")
-        used = [down.original, up.original] + ([bias_key.original] if bias_key is not None and bias_on else [])
+        used = [*down.original.split("\n"), up.original] + ([bias_key.original] if bias_key is not None and bias_on else [])
         out.append(Application(m, component, Target(name, (name,)), scaling * up.scale * down.scale,
                                bias_key is not None and bias_on, tuple(used)))
     return out
@@ -394,10 +394,10 @@ FLUX_DOUBLE, FLUX_SINGLE, FLUX_LINEAR1_ROWS = 19, 38, 3 * 3072 + 12288
 _FLUX_BLOCK = re.compile(r"lora_unet_(double|single)_blocks_(\d+)_(img_attn_proj|img_attn_qkv|img_mlp_0|img_mlp_2|"
                          r"img_mod_lin|txt_attn_proj|txt_attn_qkv|txt_mlp_0|txt_mlp_2|txt_mod_lin|linear1|linear2|"
                          r"modulation_lin)$")
-_FLUX_GLOBAL = re.compile(r"lora_unet_(guidance_in|img_in|txt_in|time_in|vector_in|final_layer)")
+_FLUX_GLOBAL = re.compile(r"lora_unet_(guidance_in|img_in|txt_in|time_in|vector_in|final_layer)_")
 
 
-def kohya_flux(keys: list[Key], file: FileView, reading: Reading) -> list[Key]:
+def kohya_flux(keys: list[Key], reading: Reading) -> list[Key]:
     """_convert_kohya_flux_lora_to_diffusers → transformer./text_encoder. keys, alphas folded."""
     names = [k.name for k in keys]
     if any(n.startswith("transformer.") for n in names):
@@ -418,13 +418,14 @@ def kohya_flux(keys: list[Key], file: FileView, reading: Reading) -> list[Key]:
         if part not in ("lora_down.weight", "lora_up.weight", "alpha"):  # _custom_replace flattens the rest
             module, part = name.rsplit(".", 2)[0], ".".join(name.rsplit(".", 2)[1:])
         kept.append(Key(module.replace(".", "_") + "." + part, k.module, k.original))
-    out, left = [], {k.name: k for k in kept}
+    out, left, dropped = [], {k.name: k for k in kept}, []
     for k in kept:
         module, _, part = k.name.partition(".")
         if part != "lora_down.weight" or not module.startswith("lora_unet_"):
             continue
         block = _FLUX_BLOCK.match(module)
-        if block and int(block[2]) >= (FLUX_DOUBLE if block[1] == "double" else FLUX_SINGLE):
+        if (not block and not _FLUX_GLOBAL.match(module + "_")) or (
+                block and int(block[2]) >= (FLUX_DOUBLE if block[1] == "double" else FLUX_SINGLE)):
             continue  # left over: raises below
         up = left.pop(module + ".lora_up.weight", None)
         alpha = left.pop(module + ".alpha", None)
@@ -440,8 +441,10 @@ def kohya_flux(keys: list[Key], file: FileView, reading: Reading) -> list[Key]:
         if block:
             out.append(Key("transformer.<kohya>", k.module, "\n".join(used), scale))
         else:
-            reading.notes.append(f"diffusers names {module} without the transformer. prefix and drops it silently")
+            dropped.append(module)
             out.append(Key("<dropped>", k.module, "\n".join(used)))
+    if dropped:
+        reading.notes.append(f"diffusers names {', '.join(dropped)} without the transformer. prefix: dropped silently")
     leftovers = [n for n in left if not n.startswith("lora_te")]
     if leftovers:
         raise Rejected(f"keys the Flux converter does not handle ({', '.join(leftovers[:4])}): "
@@ -455,10 +458,9 @@ def kohya_flux(keys: list[Key], file: FileView, reading: Reading) -> list[Key]:
         del left[name]
         scale = alpha.module.alpha / k.module.shapes["down"][0] if alpha is not None else 1.0
         te = text_key(name, module)
-        out += [Key(f"text_encoder.{te}", k.module, k.original, scale),
+        down = "\n".join(x.original for x in (k, alpha) if x is not None)
+        out += [Key(f"text_encoder.{te}", k.module, down, scale),
                 Key(f"text_encoder.{te.replace('.down.', '.up.')}", up.module, up.original)]
-        if alpha is not None:
-            out.append(Key("<alpha folded>", alpha.module, alpha.original))
     return out
 
 
@@ -556,7 +558,7 @@ class Diffusers(Client):
     def flux(self, file: FileView, facts: ClientFacts, keys: list[Key], meta, reading: Reading) -> list[Application]:
         names = [k.name for k in keys]
         if any(".lora_down.weight" in n for n in names):
-            converted = kohya_flux(keys, file, reading)
+            converted = kohya_flux(keys, reading)
             apps = []
             for k in converted:
                 if k.name in ("transformer.<kohya>", "text_encoder.<kohya>"):
