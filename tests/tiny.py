@@ -16,12 +16,12 @@ from safetensors.torch import save_file
 from loramerge.formats.schemes.sgm import diffusers_to_sgm
 
 
-def _clip(hidden=32, projection=False):
+def _clip(hidden=32, projection=False, act="quick_gelu"):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     config = CLIPTextConfig(hidden_size=hidden, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                             vocab_size=1000, max_position_embeddings=77, projection_dim=hidden,
-                            bos_token_id=0, eos_token_id=2, pad_token_id=1)
+                            bos_token_id=0, eos_token_id=2, pad_token_id=1, hidden_act=act)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
@@ -54,6 +54,46 @@ def sdxl_unet():
         norm_num_groups=8, sample_size=16, use_linear_projection=True, addition_embed_type="text_time",
         addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
     )
+
+
+def sd2_unet():
+    """SD2's UNet shape: linear projections, per-block head dims, a cross-attention width of its own."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        block_out_channels=(32, 32, 64, 64), layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=24, attention_head_dim=(2, 4, 4, 4), norm_num_groups=8, sample_size=16,
+        use_linear_projection=True,
+    )
+
+
+def sd2_pipeline():
+    """Tiny SD2: its UNet and an OpenCLIP-H-style text encoder (CLIPTextModel, gelu, width 24)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    torch.manual_seed(0)
+    return StableDiffusionPipeline(vae=_vae(), text_encoder=_clip(hidden=24, act="gelu"), tokenizer=None,
+                                   unet=sd2_unet(), scheduler=DDIMScheduler(steps_offset=1, clip_sample=False),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+
+
+def sd3_pipeline():
+    """Tiny SD3: an MMDiT of two joint blocks (the last one context-pre-only), CLIP-L/G, T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                        caption_projection_dim=16, pooled_projection_dim=64, out_channels=4)
+    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000,
+                                 feed_forward_proj="gated-gelu"))
+    return StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(),
+                                    text_encoder=_clip(projection=True), tokenizer=None,
+                                    text_encoder_2=_clip(projection=True), tokenizer_2=None,
+                                    text_encoder_3=t5, tokenizer_3=None)
 
 
 def sd15_pipeline():
@@ -89,7 +129,8 @@ def flux_pipeline(wide: bool = False):
         transformer = FluxTransformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
                                              attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                              pooled_projection_dim=32, axes_dims_rope=(4, 6, 6))
-    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000))
+    t5 = T5EncoderModel(T5Config(d_model=32, d_ff=37, d_kv=8, num_heads=4, num_layers=2, vocab_size=1000,
+                                 feed_forward_proj="gated-gelu"))
     return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(), text_encoder=_clip(),
                         tokenizer=None, text_encoder_2=t5, tokenizer_2=None, transformer=transformer)
 
@@ -104,8 +145,8 @@ _TARGET = re.compile(
 
 
 def canonical(component: str, name: str) -> str:
-    if component.startswith("text_encoder") and name.startswith("encoder."):
-        return "text_model." + name  # transformers ≥ 5 flattens CLIPTextModel
+    if component.startswith("text_encoder") and name.startswith(("encoder.layers.", "embeddings.", "final_layer_norm")):
+        return "text_model." + name  # transformers ≥ 5 flattens CLIPTextModel (T5's encoder.block… stays)
     return name
 
 
@@ -152,7 +193,7 @@ def delta_of(up, down, alpha, shape) -> torch.Tensor:
 
 
 # kohya-format writing by hand: prefixes and names as kohya sd-scripts writes them.
-_KOHYA_TE = {"sd1": {"text_encoder": "lora_te_"},
+_KOHYA_TE = {"sd1": {"text_encoder": "lora_te_"}, "sd2": {"text_encoder": "lora_te_"},
              "sdxl": {"text_encoder": "lora_te1_", "text_encoder_2": "lora_te2_"},
              "flux": {"text_encoder": "lora_te1_"}}
 
@@ -254,6 +295,21 @@ def capture_load_warnings():
 def lora_layers(model, adapter: str) -> list[str]:
     """Names of the modules PEFT injected ``adapter`` into."""
     return [n for n, m in model.named_modules() if hasattr(m, "lora_A") and adapter in getattr(m, "lora_A", {})]
+
+
+def injected(pipe, components, adapter: str) -> dict[str, tuple[float, torch.Tensor, torch.Tensor | None]]:
+    """What diffusers injected: {component.canonical name: (PEFT's scaling, ΔW as PEFT computes it
+    for fusing, Δbias or None)} of every layer that holds ``adapter``."""
+    out = {}
+    for component in components:
+        for name, module in getattr(pipe, component).named_modules():
+            if hasattr(module, "lora_A") and adapter in module.lora_A:
+                delta = module.get_delta_weight(adapter).detach().double()
+                bias = module.lora_B[adapter].bias
+                out[f"{component}.{canonical(component, name)}"] = (
+                    float(module.scaling[adapter]), delta,
+                    None if bias is None else (bias * module.scaling[adapter]).detach().double())
+    return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -14,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .version import __version__
-from .errors import LoraMergeError, UsageError
+from .errors import ClientWarning, LoraMergeError, UsageError
 from .outputs import check_output
 from .recipe import parse_source
 
@@ -30,13 +31,22 @@ out = Console()
 
 
 def run_guarded(fn: Callable[[], None], threads: Optional[int] = None) -> None:
-    """Run a command; a LoraMergeError becomes one line on stderr and exit code 2."""
+    """Run a command; a LoraMergeError becomes one line on stderr and exit code 2; each
+    ClientWarning (a file some client will not load exactly) one ``warning:`` line."""
     _set_threads(threads)
-    try:
-        fn()
-    except LoraMergeError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ClientWarning)
+        try:
+            fn()
+        except LoraMergeError as exc:
+            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        finally:
+            for w in caught:
+                if issubclass(w.category, ClientWarning):
+                    err.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+                else:
+                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
 
 def make_progress() -> Progress:
@@ -77,6 +87,7 @@ def inspect(
 
     def body():
         from . import report
+        from .clients import check as check_clients
         from .io import load
 
         if recipe:
@@ -89,7 +100,10 @@ def inspect(
                 raise UsageError(f"{file} carries no loramerge recipe (it was not made by loramerge merge)")
             print(to_yaml(found, near=file), end="")
             return
-        summary = report.summarize(load(file, arch=arch), norms=not no_norms)
+        lora = load(file, arch=arch)
+        summary = report.summarize(lora, norms=not no_norms)
+        summary["clients"] = {v.client: {"exact": v.exact, "summary": v.summary()}
+                              for v in check_clients(file, arch=lora.arch).verdicts}
         if as_json:
             print(json.dumps(summary, indent=2))
         else:
@@ -261,6 +275,44 @@ def _note_growth(source: Path, output: Path, lora) -> None:
         err.print(f"note: {output.name} is {after / before:.1f}× the size of {source.name} ({after / 2**20:.1f} MB vs "
                   f"{before / 2**20:.2f} MB): the exact factors reach rank {top}; --rank N or --energy F bounds it "
                   "(the error is reported)", highlight=False, soft_wrap=True, markup=False)
+
+
+@app.command(name="check")
+def check_command(
+    file: Path = typer.Argument(..., help="LoRA file (.safetensors, or a PEFT folder)."),
+    client: str = typer.Option("all", "--client", help="diffusers, comfyui, a1111, forge, a comma list, or all."),
+    as_json: bool = typer.Option(False, "--json", help="Print the full report as JSON."),
+    arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection."),
+    fix: bool = typer.Option(False, "--fix", help="Rewrite the file in a format every chosen client loads exactly (needs -o)."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Where --fix writes."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype of --fix (default: the file's)."),
+):
+    """What diffusers, ComfyUI, A1111 and Forge will apply from a LoRA file, and what they lose.
+
+    Exit code 0 when every chosen client applies everything exactly, 1 otherwise, 2 on bad input."""
+
+    def body():
+        from .clients import check, fix_file, format_report, resolve_clients
+
+        names = resolve_clients(client)
+        if fix:
+            if output is None:
+                raise UsageError("--fix writes a new file: give -o OUT")
+            check_output(output, [str(file)])
+            written, report = fix_file(file, names, output, arch=arch, dtype=dtype)
+            err.print(f"wrote {output} in {written} format", highlight=False, soft_wrap=True)
+        else:
+            if output is not None:
+                raise UsageError("-o is for --fix")
+            report = check(file, names, arch)
+        if as_json:
+            print(json.dumps(report.as_dict(), indent=2))
+        else:
+            out.print(format_report(report), highlight=False, soft_wrap=True, markup=False)
+        if not report.exact:
+            raise typer.Exit(1)
+
+    run_guarded(body)
 
 
 @app.command()

@@ -56,3 +56,8 @@ class AmbiguousArchitectureError(NotALoraError):
     def __init__(self, message: str, path=None, candidates: tuple[str, ...] = ()):
         self.candidates = tuple(candidates)
         super().__init__(message, path)
+
+
+class ClientWarning(UserWarning):
+    """A file that loads, but not exactly, in some client (one line: the client, what differs,
+    and the format that avoids it). The command line prints these as ``warning:`` lines."""

@@ -111,6 +111,9 @@ def format_summary(summary: dict) -> str:
         lines.append("ΔW ranks      " + _dist(summary["ranks"]) + "  (of the exact factors of each module's ΔW)")
     if summary["conv_modules"]:
         lines.append(f"conv modules  {summary['conv_modules']}")
+    if summary.get("clients"):
+        lines.append("clients       " + ", ".join(
+            f"{name} {'✓' if c['exact'] else '✗ (' + c['summary'] + ')'}" for name, c in summary["clients"].items()))
     for key in ("title", "date", "merged_from"):
         if summary.get(key):
             lines.append(f"{key:<13} {summary[key]}")

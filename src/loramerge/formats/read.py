@@ -91,8 +91,29 @@ def split_key(key: str) -> tuple[str, str] | None:
 # --------------------------------------------------------------------------------------------
 
 
-def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
-    source = open_source(path)
+@dataclass
+class Parsed:
+    """A file's keys grouped into modules and placed on the architecture they fit."""
+
+    source: TensorSource
+    raw_modules: list[RawModule]
+    shapes: dict[str, tuple[int, ...]]  # placed prefix → the shape of the weight it changes
+    reading: Reading
+    configs: dict[str, dict]  # lora_adapter_metadata / adapter_config.json, per component
+
+    def match(self, raw: RawModule) -> Match:
+        return self.reading.chosen[placed_prefix(raw)]
+
+    def scale(self, raw: RawModule) -> float:
+        """The scale s of the module's ΔW = s · (product of its factors) as this reader reads it."""
+        match = self.match(raw)
+        if kind_of(raw) == "lora":
+            alpha, rank, _ = _lora_alpha(raw, match, self.source, self.configs)
+            return alpha / rank
+        return _lycoris_scale(raw, self.source, self.shapes[placed_prefix(raw)])[0]
+
+
+def parse(source: TensorSource, arch: str | None = None) -> Parsed:
     _refuse_foreign(source)
     raw_modules, unplaced = _group(source)
     if unplaced:
@@ -104,22 +125,27 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
         raise NotALoraError("not a LoRA: the file holds no tensors", source.path)
     for raw in raw_modules:
         _check_supported(raw, source)
-    shapes = {_placed_prefix(raw): _target_shape(raw, source) for raw in raw_modules}
+    shapes = {placed_prefix(raw): _target_shape(raw, source) for raw in raw_modules}
     reading = detect(shapes, source.metadata, source.extra_config, arch, source.path)
-    format_name = source.format or _format_name(raw_modules, reading)
-    configs = _peft_configs(source)
+    return Parsed(source, raw_modules, shapes, reading, _peft_configs(source))
+
+
+def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
+    parsed = parse(open_source(path), arch)
+    source, reading = parsed.source, parsed.reading
     modules: list[LoraModule] = []
-    for raw in raw_modules:
-        match = reading.chosen[_placed_prefix(raw)]
-        modules.extend(_build(raw, match, shapes[_placed_prefix(raw)], source, reading.variant, configs))
+    for raw in parsed.raw_modules:
+        prefix = placed_prefix(raw)
+        modules.extend(_build(raw, parsed.match(raw), parsed.shapes[prefix], source, reading.variant, parsed.configs))
     _check_duplicates(modules, source)
+    format_name = source.format or _format_name(parsed.raw_modules, reading)
     lora = LoRA(modules, reading.arch.name, format_name, source.metadata, source.path)
     lora.variant = named_variant(reading, source.metadata)  # None: several fit equally, the header names none
     lora.variants = (reading.variant, *reading.also)
     return lora
 
 
-def _placed_prefix(raw: RawModule) -> str:
+def placed_prefix(raw: RawModule) -> str:
     return raw.prefix.removeprefix(_PEFT_WRAPPER)
 
 
@@ -315,13 +341,30 @@ def _file_alpha(raw: RawModule, source: TensorSource) -> float | None:
     return value
 
 
+def _lora_alpha(raw: RawModule, match: Match, source: TensorSource, configs) -> tuple[float, int, float | None]:
+    """(alpha, rank, stated alpha) of a LoRA module: its alpha key, else its adapter config, else
+    the rank (a missing or zero alpha means scale 1); the stated alpha is None where none is."""
+    rank = source.shape(raw.roles["down"])[0]
+    stated = _file_alpha(raw, source)
+    if stated is None:
+        stated = _config_alpha(configs, match.component, match.target.members[0], rank)
+    return (stated or float(rank)), rank, stated
+
+
+def _lycoris_scale(raw: RawModule, source: TensorSource, shape: tuple[int, ...]) -> tuple[float, lycoris.Plan]:
+    """A LyCORIS module's scale (alpha over the rank LyCORIS divides by, 1 without alpha) and plan."""
+    alpha = _file_alpha(raw, source)
+    shapes = {r: source.shape(k) for r, k in raw.roles.items()}
+    the_plan = lycoris.plan(kind_of(raw), shapes, shape)
+    return (alpha / the_plan.ref_rank if (alpha and the_plan.ref_rank) else 1.0), the_plan
+
+
 def _build(raw: RawModule, match: Match, shape: tuple[int, ...], source: TensorSource, variant: str,
            configs) -> list[LoraModule]:
     kind = kind_of(raw)
     component, target = match.component, match.target
     dtype = source.dtype(raw.roles.get("down") or raw.roles.get("diff") or next(iter(raw.roles.values())))
     path = str(source.path)
-    alpha = _file_alpha(raw, source)
 
     def get(role: str) -> torch.Tensor:
         return source.get(raw.roles[role]).float()
@@ -331,18 +374,15 @@ def _build(raw: RawModule, match: Match, shape: tuple[int, ...], source: TensorS
 
     bias_role = next((r for r in ("diff_b", "b_norm") if r in raw.roles), None)
     bias_loader = (lambda: get(bias_role).reshape(-1)) if bias_role else None
+    alpha = _file_alpha(raw, source)
 
     if kind in ("ia3", "oft", "glora"):
         return [_base_dependent(raw, kind, component, target, shape, source, variant, alpha, dtype, bias_loader)]
     if kind == "norm" or (kind == "full" and len(shape) == 1):
         return [_vector(raw, component, target, shape, source, dtype, bias_loader)]
     if kind == "lora":
-        rank = source.shape(raw.roles["down"])[0]
-        if alpha is None:
-            alpha = _config_alpha(configs, component, target.members[0], rank)
-        file_dim, file_alpha = rank, alpha
-        if not alpha:  # a missing or zero alpha means scale 1
-            alpha = float(rank)
+        alpha, rank, stated = _lora_alpha(raw, match, source, configs)
+        file_dim, file_alpha = rank, stated
         module_kind = "lora"
         if has("mid"):
             module_kind = "lora+tucker"
@@ -353,11 +393,9 @@ def _build(raw: RawModule, match: Match, shape: tuple[int, ...], source: TensorS
             scale = alpha / rank
             bias_loader = lambda: get("bias") * scale  # noqa: E731
     else:
-        shapes = {r: source.shape(k) for r, k in raw.roles.items()}
-        the_plan = lycoris.plan(kind, shapes, shape)
+        scale, the_plan = _lycoris_scale(raw, source, shape)
         rank = the_plan.rank
         file_dim, file_alpha = the_plan.ref_rank, alpha
-        scale = alpha / the_plan.ref_rank if (alpha and the_plan.ref_rank) else 1.0
         alpha = scale * rank
         module_kind = kind
         load = lambda: lycoris.build_factors(kind, get, has, the_plan, shape)  # noqa: E731

@@ -11,6 +11,11 @@ Scales are folded so a file's meaning does not depend on how a reader finds alph
   metadata is still written and agrees.
 All folding happens in float32 before the one cast to the output dtype; what is written is
 checked for finiteness after the cast.
+
+Groups some client applies all-or-nothing (A1111's OpenCLIP attention: q, k, v and out of a
+layer) are completed with zero modules in kohya-named files. Before a file is written, ``check``
+reads the tensors as every client would; where a client would not load them exactly, one
+:class:`~loramerge.errors.ClientWarning` line names it and the format that loads there.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..version import __version__
-from ..errors import LoraMergeError, NonFiniteError, UsageError
+from ..errors import ClientWarning, LoraMergeError, NonFiniteError, UsageError
 from ..lora import LoRA, LoraModule, all_finite
 from . import archs
 from .archs import Architecture, Naming
@@ -68,24 +73,46 @@ def resolve_format(arch: Architecture, format: str | None) -> str:
     return format
 
 
-def save_lora(lora: LoRA, path, format: str | None = None, dtype=None, metadata: dict[str, str] | None = None) -> str:
+def save_lora(lora: LoRA, path, format: str | None = None, dtype=None, metadata: dict[str, str] | None = None,
+              warn: bool = True) -> str:
     """Write ``lora`` to ``path`` atomically; returns the format written (default: the
-    architecture's, the one every client loads). ``metadata`` adds or overrides header fields."""
+    architecture's, the one every client loads). ``metadata`` adds or overrides header fields;
+    ``warn``: a :class:`ClientWarning` when some client would not load the file exactly."""
     arch = archs.spec(lora.arch)
     format = resolve_format(arch, format)
     dtype = resolve_dtype(dtype) or lora.dtype
     for module in lora:
         if module.needs_base:
             raise module.base_error()
-    groups = group_modules(_carried(lora, arch, format), arch, format)
+    dropped = _uncarried(lora, arch, format)
+    if dropped:
+        warnings.warn(f"{format} format cannot carry norm-weight deltas: {len(dropped)} dropped ({dropped[0].key}"
+                      f"{' …' if len(dropped) > 1 else ''}); write a kohya- or ComfyUI-style format to keep them",
+                      stacklevel=2)
+    tensors, header = encode(lora, arch, format, dtype, metadata)
+    if warn:
+        try:
+            message = client_warning(lora, arch, format, dtype, tensors, header, path)
+        except Exception as exc:  # a diagnostic must not stop the write; say that it failed
+            message = f"{path}: could not check how clients load it ({type(exc).__name__}: {exc})"
+        if message:
+            warnings.warn(message, ClientWarning, stacklevel=3)
+    save_file(path, tensors, header)
+    _warn_notes(lora, arch, format, path)
+    return format
+
+
+def encode(lora: LoRA, arch: Architecture, format: str, dtype: torch.dtype,
+           metadata: dict[str, str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The tensors and header of ``lora`` written in ``format`` (without the modules it cannot carry)."""
+    lora = complete_groups(_without(lora, _uncarried(lora, arch, format)), arch, format)
+    groups = group_modules(lora, arch, format)
     alpha = file_alpha(groups) if _style(arch, format) == "kohya" else None
     tensors: dict[str, torch.Tensor] = {}
     for group in groups:
         group.put(tensors, dtype, alpha)
     _check_written(tensors, lora)
-    save_file(path, tensors, build_header(lora, arch, format, alpha, metadata))
-    _warn_notes(lora, arch, format, path)
-    return format
+    return tensors, build_header(lora, arch, format, alpha, metadata)
 
 
 def _warn_notes(lora: LoRA, arch: Architecture, format: str, path) -> None:
@@ -105,19 +132,80 @@ def carries_diff(naming: Naming | None) -> bool:
     return naming is not None and (naming.style == "kohya" or naming.bias_key == "diff_b")
 
 
-def _carried(lora: LoRA, arch: Architecture, format: str) -> LoRA:
-    """The modules ``format`` can hold: norm-weight (1-D) deltas are LyCORIS ``.diff`` keys,
-    which kohya- and ComfyUI-style files carry and diffusers/PEFT files cannot (dropped with a
-    warning)."""
-    vectors = [m for m in lora if m.is_vector and not carries_diff(arch.naming(format, m.component))]
-    if not vectors:
+def _uncarried(lora: LoRA, arch: Architecture, format: str) -> list[LoraModule]:
+    """The modules ``format`` cannot hold: norm-weight (1-D) deltas are LyCORIS ``.diff`` keys,
+    which kohya- and ComfyUI-style files carry and diffusers/PEFT files cannot."""
+    return [m for m in lora if m.is_vector and not carries_diff(arch.naming(format, m.component))]
+
+
+def _without(lora: LoRA, dropped: list[LoraModule]) -> LoRA:
+    if not dropped:
         return lora
-    warnings.warn(f"{format} format cannot carry norm-weight deltas: {len(vectors)} dropped ({vectors[0].key}"
-                  f"{' …' if len(vectors) > 1 else ''}); write a kohya- or ComfyUI-style format to keep them", stacklevel=3)
-    dropped = {m.key for m in vectors}
-    kept = LoRA([m for m in lora if m.key not in dropped], lora.arch, lora.format, lora.metadata, lora.path)
-    kept.variant = lora.variant
+    keys = {m.key for m in dropped}
+    kept = LoRA([m for m in lora if m.key not in keys], lora.arch, lora.format, lora.metadata, lora.path)
+    kept.variant, kept.stats = lora.variant, lora.stats
     return kept
+
+
+# --------------------------------------------------------------------------------------------
+# what the clients will do with it
+
+
+def client_warning(lora: LoRA, arch: Architecture, format: str, dtype: torch.dtype, tensors: dict, header: dict,
+                   path) -> str | None:
+    """One line naming each client that would not load these tensors exactly (clients without a
+    loader for the architecture aside), what differs, and a format that loads there."""
+    from pathlib import Path
+
+    from ..clients import check
+    from .sources import DictSource
+
+    def report(fmt, t, h):
+        return check(DictSource(Path(path), t, h), arch=arch.name)
+
+    verdicts = [v for v in report(format, tensors, header).verdicts
+                if not v.exact and v.outcome not in ("unsupported", "unknown")]
+    if not verdicts:
+        return None
+    others = {}
+    for other in arch.formats:
+        if other != format:
+            others[other] = report(other, *encode(lora, arch, other, dtype))
+    parts = []
+    for v in verdicts:
+        fixes = [f for f, r in others.items() if r.verdict(v.client).exact]
+        fix = f"--format {fixes[0]} loads exactly there" if fixes else "no format loramerge writes loads it exactly there"
+        parts.append(f"{v.label}: {v.summary()} ({fix})")
+    return f"{Path(path).name} in {format} format: " + "; ".join(parts)
+
+
+def complete_groups(lora: LoRA, arch: Architecture, format: str) -> LoRA:
+    """Add zero modules so every group a client applies all-or-nothing (its facts' ``together``)
+    is complete in kohya-named files (A1111 ignores an OpenCLIP layer's attention otherwise)."""
+    from .schemes.clientnames import layer_groups
+
+    extra: list[LoraModule] = []
+    alphas = collections.Counter(m.alpha for m in lora)
+    for facts in arch.clients.values():
+        for component, templates in facts.together.items():
+            naming = arch.naming(format, component)
+            if naming is None or naming.style != "kohya":
+                continue
+            mine = [(m.name, m) for m in lora if m.component == component]
+            for layer, present in layer_groups(templates, mine).items():
+                sibling = next(iter(present.values()))
+                for position, t in enumerate(templates):
+                    name = t.replace("{i}", layer)
+                    if position in present or f"{component}.{name}" in lora:
+                        continue
+                    extra.append(LoraModule.from_factors(
+                        component, name, torch.zeros(sibling.out_features, 1), torch.zeros(1, sibling.in_features),
+                        sibling.shape, alphas.most_common(1)[0][0], dtype=sibling.dtype, source=sibling.source))
+    if not extra:
+        return lora
+    padded = LoRA([*lora, *extra], lora.arch, lora.format, lora.metadata, lora.path)
+    padded.variant, padded.stats = lora.variant, lora.stats
+    return padded
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,9 +310,11 @@ def file_alpha(groups: list[Group]) -> float:
     """The one alpha of a kohya file: the alpha that lets the most modules' folds be exact.
 
     A module of alpha a written with the file's alpha A gets its up factor multiplied by a/A;
-    when that is a power of two the multiplication is exact in every float format, so an
-    fp16/bf16 input converted to fp16/bf16 keeps its bits up to the exponent. Ties go to the
-    most common alpha (most folds are then × 1, nothing changes).
+    when that is a power of two the multiplication is exact in every float format (as long as
+    the values stay in its normal range: an overflow is caught by the finiteness check), so an
+    fp16/bf16 input converted to fp16/bf16 keeps its bits up to the exponent
+    (tests/test_clients_rules.py checks it bit for bit). Ties go to the most common alpha (most
+    folds are then × 1, nothing changes).
     """
     alphas = collections.Counter(a for g in groups for a in g.alphas if a > 0)
     if not alphas:
@@ -298,19 +388,28 @@ def _peft_target(name: str) -> str:
     return name.removeprefix("text_model.")
 
 
+def _peft_pattern(name: str, denoiser: bool) -> str:
+    """A rank/alpha pattern key. PEFT takes the first key that is a dotted-suffix regex of a
+    module's path, so a denoiser's 'proj_out' would also give its rank to every
+    'single_transformer_blocks.N.proj_out'; '^' anchors it to the module itself (as diffusers
+    anchors its own rank patterns). Text-encoder names stay suffixes (see :func:`_peft_target`)."""
+    return "^" + name if denoiser else _peft_target(name)
+
+
 def adapter_metadata(lora: LoRA) -> dict:
     """diffusers' ``lora_adapter_metadata``: a LoraConfig per component, keys prefixed. The
     factors hold every scale, so each module's alpha equals its rank."""
     flat = {}
+    denoiser = archs.spec(lora.arch).denoiser
     for component in lora.components:
         mods = [m for m in lora if m.component == component]
         r = collections.Counter(m.rank for m in mods).most_common(1)[0][0]
-        pattern = _rank_pattern({_peft_target(m.name): m.rank for m in mods}, r)
+        odd = {_peft_pattern(m.name, component == denoiser): m.rank for m in mods if m.rank != r}
         config = {
             "r": r,
             "lora_alpha": r,
-            "rank_pattern": pattern,
-            "alpha_pattern": dict(pattern),
+            "rank_pattern": odd,
+            "alpha_pattern": dict(odd),
             "target_modules": sorted(_peft_target(m.name) for m in mods),
             "use_dora": False,
             "use_rslora": False,
@@ -318,16 +417,6 @@ def adapter_metadata(lora: LoRA) -> dict:
         }
         flat.update({f"{component}.{k}": v for k, v in config.items()})
     return flat
-
-
-def _rank_pattern(ranks: dict[str, int], r: int) -> dict[str, int]:
-    """PEFT's rank_pattern for modules whose rank is not ``r``. PEFT takes a pattern key as a
-    dotted suffix and uses the first key that matches, so a top-level ``proj_out`` key would
-    also claim ``single_transformer_blocks.0.proj_out``: every module such a key reaches gets
-    its own entry, and longer (more specific) keys come first."""
-    pattern = {name: rank for name, rank in ranks.items() if rank != r}
-    pattern.update({name: rank for name, rank in ranks.items() if any(name.endswith("." + k) for k in pattern)})
-    return {name: pattern[name] for name in sorted(pattern, key=lambda n: (-len(n), n))}
 
 
 def _number(x: float) -> str:
@@ -339,6 +428,7 @@ def build_header(lora: LoRA, arch: Architecture, format: str, alpha: float | Non
     header = {k: v for k, v in lora.metadata.items() if k not in _STALE_FIELDS}
     ranks = {m.rank for m in lora if not m.is_vector} or {1}
     ident = arch.identity
+    header.update(ident.header)
     header.update({
         "ss_network_module": "networks.lora",
         "ss_network_dim": _number(ranks.pop()) if len(ranks) == 1 else "Dynamic",

@@ -8,7 +8,12 @@ An :class:`Architecture` says what a model family is made of and how files name 
   each output format writes;
 - how single-file checkpoints name the weights (for ``fuse``/``extract``);
 - its block grammar (per-block weights), the metadata values that identify it, and the
-  diffusers pipeline classes that hold it.
+  diffusers pipeline classes that hold it;
+- what each client (diffusers, ComfyUI, A1111, Forge) does with its LoRAs (:class:`ClientFacts`:
+  which loader runs, which key spellings it maps beyond those it maps for every model); the
+  clients' own logic lives in :mod:`loramerge.clients`, and ``loramerge check`` and the writers'
+  warnings come from both. An architecture without facts for a client is reported as unknown
+  to that client, never as loading exactly.
 
 Adding an architecture = a new module here defining ``ARCH`` (or ``ARCHS``), plus a scheme
 module if it brings a new naming, plus ``python scripts/gen_keymaps.py``. Nothing else
@@ -66,6 +71,8 @@ class Identity:
     # modelspec.architecture / ss_base_model_version values (compared up to a '/', any case)
     # naming one variant; the first is written into LoRAs of that variant
     variant_names: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # further header fields the architecture's LoRAs carry (SD2: ss_v2, which A1111/Forge read)
+    header: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,29 @@ class Foreign:
     message: str
 
 
+@dataclass(frozen=True, eq=False)
+class ClientFacts:
+    """What one client's LoRA loader does with one architecture.
+
+    ``loader``: which of the client's loaders runs (the client module names them: diffusers
+    'sd', 'sdxl', 'sd3', 'flux'; ComfyUI/Forge/A1111 have one), or None when the client has no
+    loader for this architecture (nothing in the file is applied).
+    ``names``: per component, the key spellings the client maps onto its modules beyond those
+    it maps for every model (ComfyUI and Forge map ``lora_unet_`` + the flattened native name
+    and ``diffusion_model.`` + the native name of every denoiser parameter themselves).
+    ``model``: per component, how the client names its own modules (A1111 patches its
+    LDM/sgm modules under their flattened paths).
+    ``together``: per component, modules the client applies only as a complete group (A1111's
+    OpenCLIP attention: q, k, v and out of one layer, or none of them), as templates with
+    ``{i}`` for the layer.
+    """
+
+    loader: str | None
+    names: dict[str, tuple[Naming, ...]] = field(default_factory=dict)
+    model: dict[str, Naming] = field(default_factory=dict)
+    together: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per architecture
 class Architecture:
     name: str
@@ -114,6 +144,7 @@ class Architecture:
     notes: tuple[Note, ...] = field(default=())  # client facts a writer warns about
     unsupported: tuple[Unsupported, ...] = ()  # parts whose LoRA modules are refused
     foreign: tuple[Foreign, ...] = field(default=())  # keys of files that cannot be merged
+    clients: dict[str, ClientFacts] = field(default_factory=dict)  # client name → facts
 
     def component(self, name: str) -> Component | None:
         return next((c for c in self.components if c.name == name), None)

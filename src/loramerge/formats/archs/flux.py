@@ -12,7 +12,8 @@ from ..blockgrammar import TransformerBlocks
 from ..schemes.bfl import BFL
 from ..schemes.diffusers import DIFFUSERS, HF_TEXT
 from ..schemes.xlabs import XLABS
-from . import Architecture, Foreign, Identity, Naming, Note
+from . import Architecture, ClientFacts, Foreign, Identity, Naming, Note
+from ._clients import clip_names, dit_names, t5_names
 from ._common import CLIP_L, T5_XXL, dit_denoiser, kohya, peft, text_encoder
 
 TRANSFORMER = {"_class_name": "FluxTransformer2DModel", "patch_size": 1, "in_channels": 64, "num_layers": 19,
@@ -80,4 +81,17 @@ ARCH = Architecture(
              "(it loads nothing from them); ComfyUI and Forge do. --format diffusers loads everywhere"),
     ),
     foreign=(Foreign(r"(^|\.)(query|key)_norm\.scale$", BFL_CONTROL),),
+    clients={
+        "diffusers": ClientFacts("flux"),
+        "comfyui": ClientFacts("comfyui", names={
+            "transformer": dit_names("transformer."),
+            "text_encoder": clip_names(("lora_te_", "lora_te1_"), "text_encoder.", "text_encoders.clip_l.transformer."),
+            "text_encoder_2": t5_names(("lora_te2_", "lora_te3_"), "text_encoders.t5xxl.transformer.")}),
+        # FLUX.1 dev/schnell (Forge maps diffusers names only when its repo name says 'flux')
+        "forge": ClientFacts("forge", names={
+            "transformer": dit_names("transformer."),
+            "text_encoder": clip_names(("lora_te_", "lora_te1_"), "text_encoder."),
+            "text_encoder_2": t5_names(("lora_te1_", "lora_te2_", "lora_te3_"))}),
+        "a1111": ClientFacts(None),
+    },
 )

@@ -4,6 +4,7 @@ from ..blockgrammar import SD_VECTORS, UnetBlocks
 from ..schemes.diffusers import DIFFUSERS, HF_TEXT
 from ..schemes.sgm import Sgm
 from . import Architecture, Component, Identity, Naming
+from ._clients import a1111_model, sd_clients
 from ._common import CLIP_L, STABILITY, kohya, peft, text_encoder
 
 UP_WITH_ATTENTION = (1, 2, 3)
@@ -55,4 +56,5 @@ ARCH = Architecture(
                                    "stable-diffusion-1", "sd-legacy/stable-diffusion-v1")),
     blocks=UnetBlocks(UP_WITH_ATTENTION, down_blocks=4, vectors=SD_VECTORS),
     pipelines=("StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline", "StableDiffusionInpaintPipeline"),
+    clients=sd_clients(SGM, "clip_l", a1111_model(HF_TEXT, "transformer_")),
 )

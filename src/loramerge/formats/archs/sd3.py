@@ -3,7 +3,8 @@
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS, HF_TEXT
 from ..schemes.mmdit import MMDIT
-from . import Architecture, Identity, Naming, Note
+from . import Architecture, ClientFacts, Identity, Naming, Note
+from ._clients import clip_names, dit_names, projection, t5_names
 from ._common import CLIP_G_PROJ, CLIP_L_PROJ, STABILITY, T5_XXL, dit_denoiser, kohya, peft, text_encoder
 
 
@@ -63,4 +64,21 @@ ARCH = Architecture(
         Note("diffusers", r"^text_encoder_3\.", "diffusers 0.42's SD3 loader does not load T5 (text_encoder_3) "
              "LoRA modules"),
     ),
+    clients={
+        "diffusers": ClientFacts("sd3"),
+        "comfyui": ClientFacts("comfyui", names={
+            "transformer": dit_names("transformer.", "base_model.model."),
+            "text_encoder": clip_names(("lora_te_", "lora_te1_"), "text_encoder.", "text_encoders.clip_l.transformer.",
+                                       projection("lora_te1_")),
+            "text_encoder_2": clip_names(("lora_te2_",), "text_encoder_2.", "text_encoders.clip_g.transformer.",
+                                         projection("lora_te2_")),
+            "text_encoder_3": t5_names(("lora_te3_",), "text_encoders.t5xxl.transformer.")}),
+        # Forge's SD3.5 engine: its diffusers-name branch is commented out, native names only
+        "forge": ClientFacts("forge", names={
+            "text_encoder": clip_names(("lora_te_", "lora_te1_"), "text_encoder.", None, projection("lora_te1_")),
+            "text_encoder_2": clip_names(("lora_te2_",), "text_encoder_2.", None,
+                                         projection("lora_te2_") + projection("text_encoder.", flat=False)),
+            "text_encoder_3": t5_names(("lora_te1_", "lora_te2_", "lora_te3_"))}),
+        "a1111": ClientFacts(None),  # 1.10 maps SD3-medium's x-block attention only: treated as no loader
+    },
 )

@@ -4,7 +4,9 @@ from ..blockgrammar import SDXL_VECTORS, UnetBlocks
 from ..schemes.diffusers import DIFFUSERS, HF_TEXT
 from ..schemes.openclip import OPENCLIP
 from ..schemes.sgm import Sgm
-from . import Architecture, Identity, Naming
+from ..schemes.clientnames import A1111_OPENCLIP, OPENCLIP_ATTENTION
+from . import Architecture, ClientFacts, Identity, Naming
+from ._clients import a1111_model, clip_names, projection, sd_unet_names
 from ._common import CLIP_L, CLIP_G_PROJ, STABILITY, kohya, peft, text_encoder
 from .sd1 import unet
 
@@ -45,4 +47,21 @@ ARCH = Architecture(
                                    "animagine-xl", "juggernaut-xl", "realvisxl")),
     blocks=UnetBlocks(UP_WITH_ATTENTION, down_blocks=3, vectors=SDXL_VECTORS),
     pipelines=("StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline", "StableDiffusionXLInpaintPipeline"),
+    clients={
+        "diffusers": ClientFacts("sdxl"),
+        "comfyui": ClientFacts("comfyui", names={
+            "unet": sd_unet_names(),
+            "text_encoder": clip_names(("lora_te_", "lora_te1_"), "text_encoder.", "text_encoders.clip_l.transformer."),
+            "text_encoder_2": clip_names(("lora_te2_",), "text_encoder_2.", "text_encoders.clip_g.transformer.",
+                                         projection("lora_te2_"))}),
+        "forge": ClientFacts("forge", names={
+            "unet": sd_unet_names(),
+            "text_encoder": clip_names(("lora_te_", "lora_te1_"), "text_encoder."),
+            "text_encoder_2": clip_names(("lora_te2_",), "text_encoder_2.", None,
+                                         projection("lora_te2_") + projection("text_encoder.", flat=False))}),
+        "a1111": ClientFacts("a1111", model={"unet": a1111_model(SGM, "diffusion_model_"),
+                                             "text_encoder": a1111_model(HF_TEXT, "0_transformer_"),
+                                             "text_encoder_2": a1111_model(A1111_OPENCLIP, "1_model_")},
+                             together={"text_encoder_2": OPENCLIP_ATTENTION}),
+    },
 )
