@@ -996,7 +996,7 @@ def test_inspect_and_analyze_run(tmp_path):
     result = runner.invoke(app, ["inspect", str(tmp_path / "a.safetensors")])
     assert result.exit_code == 0, result.output
     assert "wan (Wan 2.1 / 2.2)" in result.output and "comfyui" in result.output
-    assert "undetermined: " in result.output and "wan2.2-t2v-a14b" in result.output
+    assert "undetermined (" in result.output and "wan2.2-t2v-a14b" in result.output
     assert "transformer.blocks.39" in result.output
     result = runner.invoke(app, ["analyze", str(tmp_path / "c.safetensors"), str(tmp_path / "d.safetensors"),
                                  "--out", str(tmp_path / "an")])

@@ -464,7 +464,8 @@ def test_tlora_and_peft_types_are_named_and_refused(tmp_path):
         loramerge.load(tmp_path / "p.safetensors")
     qkv = "lora_unet_double_blocks_0_img_attn_qkv"  # DoRA's norm cannot be split between q, k and v
     save_file({f"{qkv}.lora_up.weight": torch.randn(9216, 2), f"{qkv}.lora_down.weight": torch.randn(2, 3072),
-               f"{qkv}.dora_scale": torch.rand(1, 3072)}, str(tmp_path / "f.safetensors"))
+               f"{qkv}.dora_scale": torch.rand(1, 3072)}, str(tmp_path / "f.safetensors"),
+              metadata={"ss_base_model_version": "flux1"})  # HunyuanVideo has the same block names and widths
     with pytest.raises(UnsupportedModuleError, match=rf"module '{qkv}' is DoRA on 'double_blocks.0.img_attn.qkv', "
                                                      "which holds .*to_q, .*to_k, .*to_v in one weight"):
         loramerge.load(tmp_path / "f.safetensors")

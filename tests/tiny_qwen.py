@@ -292,12 +292,16 @@ def write_lokr(path, prefix: str, flat: bool, modules: dict[str, tuple[int, ...]
 
 def comfy_single_file(arch: str, model, prefix: str = "model.diffusion_model.") -> dict[str, torch.Tensor]:
     """The transformer's state dict with its Linears in original names, q/k/v fused, as
-    ComfyUI stores them (other tensors keep their names: nothing here reads them)."""
+    ComfyUI stores them (other tensors keep their names: nothing here reads them; norm weights,
+    whose diffusers names would look like another architecture's to the base-model detection,
+    are left out)."""
     linear = linears(model)
     fused: dict[str, dict[int, torch.Tensor]] = {}
     out = {}
     for key, value in model.state_dict().items():
         module, _, param = key.rpartition(".")
+        if module not in linear and "norm" in module:
+            continue
         name, position = ORIGINAL[arch](module) if module in linear else (module, 0)
         if name.endswith(".attention.qkv"):
             fused.setdefault(f"{name}.{param}", {})[position] = value

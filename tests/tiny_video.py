@@ -105,7 +105,8 @@ def table(variant: str, component: str = "transformer", pattern=None) -> dict[st
     models built on meta in test_arch_video)."""
     import re
 
-    return {n: s for n, s in keymaps.table(variant)[component].items() if pattern is None or re.search(pattern, n)}
+    return {n: s for n, s in keymaps.table(variant)[component].items()
+            if len(s) > 1 and (pattern is None or re.search(pattern, n))}  # matrices: the tables list norm weights too
 
 
 @dataclass

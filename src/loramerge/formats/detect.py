@@ -145,8 +145,11 @@ def named_variant(reading: Reading, metadata: dict[str, str]) -> str | None:
     if not reading.also:
         return reading.variant
     said = {_stem(metadata.get(f)) for f in ("modelspec.architecture", "ss_base_model_version", "loramerge.variant")}
-    said -= {""}
-    names = reading.arch.identity.variant_names
+    ident = reading.arch.identity
+    # values naming the architecture (written for any of its variants) name no variant
+    said -= {"", _stem(ident.modelspec_architecture), _stem(ident.ss_base_model_version),
+             *ident.ss_aliases, *ident.modelspec_aliases}
+    names = ident.variant_names
     named = [v for v in (reading.variant, *reading.also)
              if said & ({v.lower()} | {_stem(n) for n in names.get(v, ())})]
     return named[0] if len(named) == 1 else None
