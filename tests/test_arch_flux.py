@@ -40,7 +40,8 @@ def meta_modules(variant: str) -> dict:
     test_shipped_tables_match_the_real_models checks against the model built on meta)."""
     if variant not in _META:
         _META[variant] = {("transformer", n): SimpleNamespace(weight=torch.empty(shape, device="meta"))
-                          for n, shape in keymaps.table(variant)["transformer"].items()}
+                          for n, shape in keymaps.table(variant)["transformer"].items()
+                          if len(shape) > 1}  # the tables list norm weights too
     return _META[variant]
 
 
@@ -432,7 +433,7 @@ def test_flux1_xlabs_matches_diffusers(tmp_path):
         check_probes(lora, theirs, names_of(theirs))
 
 
-def test_flux1_onetrainer_mixture_attention_matches_diffusers_and_dora_is_refused(tmp_path):
+def test_flux1_onetrainer_mixture_attention_matches_diffusers_and_dora_needs_a_base(tmp_path):
     """OneTrainer's LEGACY Flux files: lora_transformer_ + diffusers names (flattened), lora_te1_
     CLIP-L, lora_te2_ T5. diffusers maps attention modules right but files every other block
     module under the block root (pinned); loramerge places them all."""
@@ -464,11 +465,13 @@ def test_flux1_onetrainer_mixture_attention_matches_diffusers_and_dora_is_refuse
     assert "text_encoder_2.encoder.block.0.layer.0.SelfAttention.q" in loramerge.load(tmp_path / "t5.safetensors")
     with pytest.raises(AssertionError):
         FluxPipeline.lora_state_dict(str(tmp_path / "t5.safetensors"))
-    # DoRA (OneTrainer's dora_scale, per input column): refused, naming the format
+    # DoRA (OneTrainer's dora_scale, per input column): read, and refused by a merge without a base
     dora = "lora_transformer_transformer_blocks_3_attn_to_q"
     save_file({**sd, f"{dora}.dora_scale": torch.ones(1, 3072)}, str(tmp_path / "dora.safetensors"))
-    with pytest.raises(UnsupportedModuleError, match=r"Flux\.1 onetrainer-format file is DoRA"):
-        loramerge.load(tmp_path / "dora.safetensors")
+    with_dora = loramerge.load(tmp_path / "dora.safetensors")
+    assert with_dora["transformer.transformer_blocks.3.attn.to_q"].needs_base
+    with pytest.raises(UnsupportedModuleError, match=r"transformer_blocks\.3\.attn\.to_q is DoRA.*--base"):
+        loramerge.merge([with_dora])
 
 
 def test_flux1_lokr_with_bfl_names(tmp_path):
