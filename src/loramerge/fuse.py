@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
 import shutil
 import time
@@ -19,13 +20,14 @@ from typing import Callable, Sequence
 
 import torch
 
-from .errors import LoraMergeError, OutputPathError, ShapeMismatchError
+from .errors import LoraMergeError, ShapeMismatchError
 from .formats.checkpoint import Checkpoint, Placement, to_module_layout
 from .formats.safetensors_io import StreamingWriter, TensorSpec
 from .formats.write import resolve_dtype
 from .lora import LoRA, LoraModule
 from .io import load_all
 from .merge import merge
+from .outputs import Staged, check_output
 
 Progress = Callable[[int, int, str], None]
 
@@ -58,18 +60,11 @@ def plan_fusion(ckpt: Checkpoint, merged: LoRA) -> dict[tuple[str, str], list[tu
                     f"it holds {', '.join(sorted(available)) or 'nothing usable'}", ckpt.path)
             raise LoraMergeError(f"the base has no weight for module {module.key}", ckpt.path)
         shape = ckpt.module_shape(placement)
-        if math_prod(shape) != math_prod(module.shape) or shape[0] != module.shape[0]:
+        if math.prod(shape) != math.prod(module.shape) or shape[0] != module.shape[0]:
             raise ShapeMismatchError(
                 f"module {module.key} is {tuple(module.shape)} in the LoRA but {tuple(shape)} in the base", ckpt.path)
         plan[(placement.file, placement.key)].append((module, placement))
     return plan
-
-
-def math_prod(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def fuse(
@@ -87,8 +82,8 @@ def fuse(
     """Write ``base`` + Σ wᵢ·ΔWᵢ (or another merge of the LoRAs) to ``output``."""
     start = time.perf_counter()
     ckpt = Checkpoint(base)
-    output = Path(output)
-    _check_output(ckpt, output, loras)
+    output = check_output(output, [ckpt.path] + [Path(x) for x in loras if not isinstance(x, LoRA)],
+                          folder=ckpt.kind == "diffusers", not_inside=[ckpt.path])
     inputs = load_all(loras, arch=arch, prefer=ckpt.arch)
     for lora in inputs:
         ckpt.check_arch(lora.arch, lora.path)
@@ -104,15 +99,6 @@ def fuse(
         _stream_folder(ckpt, output, plan, out_dtype, provenance, report, progress)
     report.seconds = time.perf_counter() - start
     return report
-
-
-def _check_output(ckpt: Checkpoint, output: Path, loras) -> None:
-    sources = [ckpt.path] + [Path(x) for x in loras if not isinstance(x, LoRA)]
-    for source in sources:
-        if output.resolve() == Path(source).resolve():
-            raise OutputPathError(f"output would overwrite the input {source}", output)
-    if ckpt.kind == "diffusers" and output.exists():
-        raise OutputPathError("output folder already exists; choose a new path", output)
 
 
 def _cast(tensor: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
@@ -151,19 +137,12 @@ def _stream_file(ckpt, rel, target: Path, plan, out_dtype, metadata, report, pro
 
 
 def _stream_folder(ckpt: Checkpoint, output: Path, plan, out_dtype, metadata, report, progress) -> None:
-    staging = output.parent / f".{output.name}.{os.getpid()}.tmp"
-    if not output.parent.is_dir():
-        raise OutputPathError(f"output directory {str(output.parent)!r} does not exist", output)
-    try:
-        shutil.copytree(ckpt.path, staging, ignore=_skip_streamed(ckpt))
+    with Staged([output], folder=True) as (staging,):
+        shutil.copytree(ckpt.path, staging, ignore=_skip_streamed(ckpt), symlinks=True)
         for rel in ckpt.files:
             _stream_file(ckpt, rel, staging / rel, plan, out_dtype, {}, report, progress)
         _fix_indexes(staging, out_dtype is not None)
         (staging / "loramerge_fused.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
-        os.rename(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _skip_streamed(ckpt: Checkpoint):

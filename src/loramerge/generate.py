@@ -16,6 +16,7 @@ from .errors import LoraMergeError, UsageError
 from .io import load
 from .merge import merge
 from .methods import get_method
+from .outputs import Staged
 from .runtime import attach
 
 
@@ -108,7 +109,6 @@ def save_grid(columns, column_labels, row_labels, output, cell: int = 128) -> Pa
     for r, label in enumerate(row_labels):
         draw.text((4, label_h + r * cell + cell // 2 - 6), label[:26], fill="black")
     output = Path(output)
-    tmp = output.parent / f".{output.name}.{os.getpid()}.tmp"
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, output)
+    with Staged([output]) as (tmp,):
+        canvas.save(tmp, format="PNG")
     return output

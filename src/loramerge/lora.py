@@ -12,6 +12,7 @@ at once.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,10 +67,7 @@ class LoraModule:
     @property
     def in_features(self) -> int:
         """Columns of the flattened weight: in·kh·kw for a conv."""
-        n = 1
-        for s in self.shape[1:]:
-            n *= s
-        return n
+        return math.prod(self.shape[1:])
 
     def factors(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         """(up m×r, down r×n) as 2-D tensors, unscaled; raises on NaN/Inf."""

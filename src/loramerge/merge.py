@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Callable, Sequence
@@ -131,10 +132,7 @@ def _check_same_arch(inputs: list[LoRA]) -> None:
 
 
 def _flat(shape: tuple[int, ...]) -> tuple[int, int]:
-    n = 1
-    for s in shape[1:]:
-        n *= s
-    return shape[0], n
+    return shape[0], math.prod(shape[1:])
 
 
 def _check_shapes(terms: list[Term], inputs: list[LoRA]) -> tuple[int, ...]:
