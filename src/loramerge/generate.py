@@ -5,6 +5,7 @@ Every cell uses the same seed, so columns differ only by the mix.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from .errors import LoraMergeError, UsageError
 from .io import load
 from .merge import merge
 from .methods import get_method
-from .outputs import Staged
+from .outputs import Staged, check_output
 from .runtime import attach
 
 
@@ -70,6 +71,9 @@ def generate_grid(base, loras: Sequence[tuple[str, float]], prompts: Sequence[st
     axis = axis or Axis("weight", [1.0])
     if not prompts:
         raise UsageError("give at least one --prompt")
+    if steps < 1 or not math.isfinite(guidance) or cell < 1:
+        raise UsageError(f"--steps must be at least 1 and --guidance finite, got {steps} and {guidance}")
+    output = check_output(output, [base] + [path for path, _ in loras])  # before anything is rendered
     pipe = load_pipeline(base)
     inputs = {f"lora{i}": load(path) for i, (path, _) in enumerate(loras)}
     weights = {f"lora{i}": w for i, (_, w) in enumerate(loras)}

@@ -39,7 +39,7 @@ def same_file(a: PathLike, b: PathLike) -> bool:
         return False
 
 
-def _inside(path: Path, folder: Path) -> bool:
+def inside(path: Path, folder: Path) -> bool:
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
 
@@ -61,7 +61,7 @@ def check_output(output: PathLike, inputs: Iterable[PathLike] = (), *, follow_sy
             raise OutputPathError("output is a symbolic link; give --follow-symlinks to write to its target", output)
         output = output.resolve()
     for outer in not_inside:
-        if Path(outer).is_dir() and _inside(output, Path(outer)):
+        if Path(outer).is_dir() and inside(output, Path(outer)):
             raise OutputPathError(f"output lies inside the input folder {outer}; choose a path outside it", output)
     _check_kind(output, folder)
     _check_parent(output)
