@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import save_file
 
@@ -60,9 +60,11 @@ def library_case(folder: Path, inputs: list[Path], operation) -> None:
             warnings.simplefilter("ignore")
             operation(out)
     except LoraMergeError as exc:
+        event(f"refused: {type(exc).__name__}")
         assert "\n" not in str(exc)
         assert snapshot(folder) == listing, f"refused ({exc}) but files changed"
     else:
+        event("written")
         if out.exists():
             check_lora_output(out)
     assert not temps(folder)
@@ -249,14 +251,26 @@ recipe_keys = st.sampled_from(["sources", "method", "params", "space", "rank", "
 def recipes(draw):
     recipe = {"sources": draw(st.sampled_from([["a.safetensors"], ["a.safetensors", "b.safetensors:0.5"],
                                                [{"path": "a.safetensors", "weight": 0.7}]]))}
-    recipe.update(draw(st.dictionaries(recipe_keys, recipe_values, max_size=4)))
-    if draw(st.booleans()):
+    if not one_in(draw, 3):  # plausible fields
+        recipe.update(draw(st.fixed_dictionaries({}, optional={
+            "method": st.sampled_from(["linear", "svd", "ties", "cat", "knots", "dare_linear"]),
+            "rank": st.integers(1, 4), "seed": st.integers(0, 9), "block_weights": st.sampled_from(["OUTALL", "INS"]),
+            "params": st.sampled_from([{}, {"density": 0.5}]), "output": st.just("out.safetensors")})))
+    else:
+        recipe.update(draw(st.dictionaries(recipe_keys, recipe_values, max_size=4)))
+    if one_in(draw, 4):
         recipe["output"] = draw(st.sampled_from(["out.safetensors", {"path": "out.safetensors", "dtype": "bf16"},
                                                  "../out.safetensors", {"path": "out.safetensors", "format": "x"}]))
+    recipe.setdefault("output", "out.safetensors")
     text = json.dumps(recipe) if draw(st.booleans()) else _yaml(recipe)
-    if draw(st.integers(0, 4)) == 0:
+    if one_in(draw, 7):
         text = draw(st.sampled_from(["!!python/object:os.system x\n", "# c\n", "\t", "&a [*a]\n", "? [x]\n: 1\n"])) + text
     return text
+
+
+def one_in(draw, n: int) -> bool:
+    """True about once in ``n`` draws (integers() would favour its bounds)."""
+    return draw(st.sampled_from(range(n))) == n - 1
 
 
 def _yaml(data) -> str:
@@ -281,6 +295,7 @@ def cli_case(capsys, folder: Path, args: list, env: dict, out: Path):
     listing = snapshot(folder)
     code, _, err = cli(capsys, *args, env=env)
     assert code in (0, 2), f"exit {code}: {err}"
+    event(f"exit {code}" + (f": {error_lines(err)[0][7:60]}" if code == 2 and os.environ.get("LORAMERGE_FUZZ_WHY") else ""))
     if code == 2:
         assert_one_line(code, err)
         assert snapshot(folder) == listing, f"refused ({error_lines(err)}) but files changed"
@@ -305,39 +320,48 @@ def test_fuzz_recipes(capsys, inputs, text):
         assert before == {n: (folder / n).read_bytes() for n in ("a.safetensors", "b.safetensors")}
 
 
+# each option: values that should work, then values that should be refused (drawn a quarter of the time)
 option_values = {
-    "--method": st.sampled_from(["linear", "svd", "ties", "cat", "knots", "dare_ties", "tiess", "", "[bold]"]),
-    "--rank": st.sampled_from(["1", "3", "0", "-1", "99999999999999999999", "x"]),
-    "--energy": st.sampled_from(["0.9", "0", "1.5", "nan", "inf", "-1"]),
-    "--space": st.sampled_from(["core", "full", "x"]),
-    "--param": st.sampled_from(["density=0.5", "density=2", "density=nan", "lambda_=1", "x", "=", "bogus=1"]),
-    "--block-weights": st.sampled_from(["OUTALL", "1,0,1", "[[1]]", '{"unet": {"down": 0.5}}', '{"unet": [1]}',
-                                        "{", "nan", ""]),
-    "--format": st.sampled_from(["kohya", "diffusers", "x"]),
-    "--dtype": st.sampled_from(["fp16", "bf16", "fp32", "int8", ""]),
-    "--device": st.sampled_from(["cpu", "cuda", "cuda:7", "tpu", "", "cpu:0"]),
-    "--seed": st.sampled_from(["0", "-1", "99999999999999999999999"]),
-    "--arch": st.sampled_from(["sd1", "sdxl", "flux", "x"]),
-    "--title": st.sampled_from(["t", "[bold]x[/]", "two\nlines", ""]),
-    "--threads": st.sampled_from(["1", "0", "-1", "100000", "x"]),
+    "--method": (["linear", "svd", "ties", "cat", "knots", "dare_ties", "task_arithmetic"], ["tiess", "", "[bold]"]),
+    "--rank": (["1", "3"], ["0", "-1", "99999999999999999999", "x"]),
+    "--energy": (["0.9", "1"], ["0", "1.5", "nan", "inf", "-1"]),
+    "--space": (["core", "full"], ["x"]),
+    "--param": (["density=0.5", "lambda_=1"], ["density=2", "density=nan", "x", "=", "bogus=1"]),
+    "--block-weights": (["OUTALL", '{"unet": {"down": 0.5}}', "1,0,1,1,1,1,1,1,1,1,1,1,1,1,1,1,1"],
+                        ["[[1]]", '{"unet": [1]}', "{", "nan", ""]),
+    "--format": (["kohya", "diffusers"], ["x"]),
+    "--dtype": (["fp16", "bf16", "fp32"], ["int8", ""]),
+    "--device": (["cpu", "cpu:0"], ["cuda:7", "tpu", ""]),
+    "--seed": (["0", "7"], ["-1", "99999999999999999999999"]),
+    "--arch": (["sd1"], ["sdxl", "flux", "x"]),
+    "--title": (["t", "[bold]x[/]", "two\nlines"], [""]),
+    "--threads": (["1", "0"], ["-1", "100000", "x"]),
 }
+
+
+def option_value(draw, name: str) -> str:
+    good, bad = option_values[name]
+    return draw(st.sampled_from(bad if one_in(draw, 4) else good))
+
+
 env_values = {
     "LORAMERGE_THREADS": st.sampled_from(["1", "0", "abc", "-2", " 2 ", "1e3"]),
     "SOURCE_DATE_EPOCH": st.sampled_from(["0", "1700000000", "abc", "-1", "1e30", "99999999999999999999", ""]),
 }
-outputs = st.sampled_from(["out.safetensors", "a.safetensors", "dir", "fifo", "link", "no/such/out.safetensors",
-                           "[x]\n.safetensors"])
+outputs = st.sampled_from(["out.safetensors"] * 6 + ["a.safetensors", "dir", "fifo", "link", "no/such/out.safetensors",
+                                                     "[x]\n.safetensors"])
 
 
 @st.composite
 def command_lines(draw):
     sources = draw(st.sampled_from([["a.safetensors"], ["a.safetensors:0.7", "b.safetensors:-0.3"],
-                                    ["a.safetensors:nan"], ["missing.safetensors"], []]))
+                                    ["a.safetensors:0.7", "b.safetensors:-0.3"], ["a.safetensors", "b.safetensors"],
+                                    ["a.safetensors:nan"], ["missing.safetensors"]]))
     options = draw(st.dictionaries(st.sampled_from(sorted(option_values)), st.just(None), max_size=4))
     args = []
     for name in sorted(options):
-        args += [name, draw(option_values[name])]
-    env = {name: draw(values) for name, values in env_values.items() if draw(st.booleans())}
+        args += [name, option_value(draw, name)]
+    env = {name: draw(values) for name, values in env_values.items() if one_in(draw, 4)}
     command = draw(st.sampled_from(["merge", "merge", "merge", "convert"]))
     if command == "convert":
         args = [a for a in args if a in ("--format", "--dtype", "--arch", "--rank", "--energy")
