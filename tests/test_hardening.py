@@ -341,6 +341,16 @@ def test_analyze_output_is_checked_before_computing(capsys, tmp_path, monkeypatc
     refused(capsys, tmp_path, "analyze", a, b, "--out", tmp_path / "report", needles=["is a folder"])
 
 
+def test_analyze_writes_a_new_folder_and_replaces_its_own_files(capsys, tmp_path):
+    a, b = kohya(tmp_path / "a.safetensors"), kohya(tmp_path / "b.safetensors", seed=1)
+    for _ in range(2):
+        code, _, err = cli(capsys, "analyze", a, b, "--out", tmp_path / "new")
+        assert code == 0, err
+        assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["analysis.json", "similarity.png", "spectra.png"]
+    assert json.loads((tmp_path / "new" / "analysis.json").read_text())["loras"] == ["a", "b"]
+    assert not temps(tmp_path)
+
+
 def test_generate_output_is_checked_before_rendering(capsys, tmp_path, monkeypatch):
     import loramerge.generate
 

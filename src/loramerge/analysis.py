@@ -128,9 +128,10 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
 REPORT_FILES = ("analysis.json", "similarity.png", "spectra.png")
 
 
-def report_paths(folder: Path) -> list[Path]:
-    """The files :func:`write_report` writes, checked before anything is computed: the folder
-    is made (its parent must exist) and each file must be absent or a regular file."""
+def report_paths(folder: Path, inputs=()) -> list[Path]:
+    """The files :func:`write_report` writes, checked before anything is computed: a new
+    folder's parent must exist; in an existing folder each file must be absent or a regular
+    file, and none of ``inputs``."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise OutputPathError("--out must be a folder", folder)
@@ -139,7 +140,7 @@ def report_paths(folder: Path) -> list[Path]:
     paths = [folder / name for name in REPORT_FILES]
     if folder.exists():
         for path in paths:
-            check_output(path)
+            check_output(path, inputs)
     return paths
 
 

@@ -443,8 +443,7 @@ def analyze(
 
         if len(files) < 2:
             raise UsageError("analyze needs at least two LoRA files")
-        for path in report_paths(out_dir):  # before anything is computed
-            check_output(path, files)
+        report_paths(out_dir, files)  # before anything is computed
         loras = load_all(files, arch=arch)
         from .methods import get_method
 
