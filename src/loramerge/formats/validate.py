@@ -123,7 +123,7 @@ def _check_lora(c: _Checker) -> None:
     if any(s != 1 for s in up[2:]):
         c.fail(f"tensor {c.key('up')!r} has shape {list(up)}; an up factor's kernel is 1×1")
     if "mid" in c.shapes:
-        c.ndim("mid", len(down))
+        c.ndim("mid", 4)
         c.equal(("up", 1), ("mid", 0), "ranks of up and mid")
         c.equal(("mid", 1), ("down", 0), "ranks of mid and down")
         if any(s != 1 for s in down[2:]):
