@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 import loramerge
+import loramerge.tinyworld
 from hardening import (K, PEFT_Q, Q, assert_one_line, cli, header_of, kohya, peft, raw_safetensors, snapshot,
                        temps)
 from loramerge.errors import LoraMergeError
@@ -110,6 +111,11 @@ def test_modules_in_blocks_no_variant_has_are_refused(capsys, tmp_path):
     text = "lora_te_text_model_encoder_layers_40_self_attn_q_proj"
     path = kohya(tmp_path / "a.safetensors", width=768, keys=(text,))
     merge_refused(capsys, tmp_path, path, "layers_40")
+    # SD1's up_blocks.0 has no attention, but a small UNet laid out differently (the tiny world's)
+    # has; its numbers lie within SD1's ranges, so it is read
+    custom = "lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    assert len(loramerge.load(kohya(tmp_path / "c.safetensors", width=32, keys=(custom,)))) == 1
+    assert len(loramerge.load(loramerge.tinyworld.lora_paths()["bold"])) == 64
 
 
 def test_dit_blocks_beyond_the_tables_are_read_with_a_warning(tmp_path):

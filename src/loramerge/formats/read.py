@@ -106,11 +106,13 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
 
 
 def _check_placed(reading: Reading, shapes: dict[str, tuple[int, ...]], source: TensorSource) -> None:
-    """Modules read only up to their layer numbers (the block does not exist in any variant of
-    the architecture): refused for UNets and text encoders, whose block layouts are fixed
-    (``down_blocks_99`` on SD1 is a broken or foreign file); accepted with a warning for a DiT's
-    transformer (``transformer``), a stack of identical blocks that custom models lengthen."""
-    beyond = sorted(p for p, m in reading.chosen.items() if not m.exact)
+    """Modules read only up to their layer numbers with a number beyond every variant of the
+    architecture: refused for UNets and text encoders (``down_blocks_99`` on SD1 is a broken or
+    foreign file); read with a warning for a DiT's ``transformer``, a stack of identical blocks
+    that custom models lengthen. Numbers within the variants' ranges (a small UNet laid out
+    differently, like the tiny world's) are read as they are."""
+    beyond = sorted(p for p, m in reading.chosen.items()
+                    if not m.exact and validate.beyond_tables(reading.arch.name, m.component, m.target.members))
     fixed = [p for p in beyond if reading.chosen[p].component != "transformer"]
     if fixed:
         shown = ", ".join(fixed[:4]) + (f" and {len(fixed) - 4} more" if len(fixed) > 4 else "")

@@ -16,6 +16,7 @@ From the header alone (no tensor data read, nothing allocated):
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import TYPE_CHECKING
@@ -226,6 +227,37 @@ def check_real_shape(prefix: str, shape: tuple[int, ...], reading: "Reading", so
             raise ShapeMismatchError(
                 f"module {prefix!r} changes a {rows}×{cols} weight, but {match.component}.{name} is at most "
                 f"{biggest[0]}×{biggest[1]} in any {reading.arch.name} model", source.path)
+
+
+_DIGITS = re.compile(r"\d+")
+
+
+@functools.cache
+def _number_ranges(arch_name: str, component: str) -> dict[str, tuple[int, ...]]:
+    """For each module name up to its numbers (``up_blocks.#.attentions.#.…``), the largest
+    number at each position over every variant's key table."""
+    from . import archs
+
+    ranges: dict[str, tuple[int, ...]] = {}
+    for variant in archs.spec(arch_name).variants:
+        for name in keymaps.table(variant).get(component, {}):
+            numbers = tuple(int(n) for n in _DIGITS.findall(name))
+            old = ranges.get(_DIGITS.sub("#", name))
+            ranges[_DIGITS.sub("#", name)] = numbers if old is None else tuple(map(max, old, numbers))
+    return ranges
+
+
+def beyond_tables(arch_name: str, component: str, names) -> bool:
+    """True when a module name has a block or layer number larger than every variant of the
+    architecture has at that place (``down_blocks.99`` on SD1); a name within those ranges
+    (a smaller model laid out differently, like the tiny world's UNet) is not beyond."""
+    ranges = _number_ranges(arch_name, component)
+    for name in names:
+        largest = ranges.get(_DIGITS.sub("#", name))
+        numbers = [int(n) for n in _DIGITS.findall(name)]
+        if largest is None or any(n > m for n, m in zip(numbers, largest)):
+            return True
+    return False
 
 
 _NUMBER = (int, float)
