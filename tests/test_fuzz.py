@@ -72,6 +72,13 @@ def library_case(folder: Path, inputs: list[Path], operation) -> None:
         assert (snapshot(p) if p.is_dir() else p.read_bytes()) == content, f"input {p} was modified"
 
 
+def file_case(write) -> None:
+    """An input written by ``write(folder) -> path``, read and converted; the invariant checked."""
+    with workdir() as folder:
+        path = write(folder)
+        library_case(folder, [path], convert_and_check(path))
+
+
 def convert_and_check(path: Path):
     def run(out: Path):
         lora = loramerge.load(path)
@@ -133,9 +140,7 @@ def headers(draw):
 @given(headers())
 def test_fuzz_safetensors_headers(case):
     text, data = case
-    with workdir() as folder:
-        path = raw_safetensors(folder / "in.safetensors", text, data)
-        library_case(folder, [path], convert_and_check(path))
+    file_case(lambda folder: raw_safetensors(folder / "in.safetensors", text, data))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -214,10 +219,12 @@ def lora_files(draw):
 @given(lora_files())
 def test_fuzz_factor_shapes_per_format(case):
     tensors, metadata = case
-    with workdir() as folder:
-        path = folder / "in.safetensors"
-        save_file(tensors, str(path), metadata=metadata)
-        library_case(folder, [path], convert_and_check(path))
+
+    def write(folder: Path) -> Path:
+        save_file(tensors, str(folder / "in.safetensors"), metadata=metadata)
+        return folder / "in.safetensors"
+
+    file_case(write)
 
 
 @FUZZ
@@ -225,7 +232,7 @@ def test_fuzz_factor_shapes_per_format(case):
                         b'{"lora_alpha": 8, "r": 4, "use_rslora": true}', b"\xff", b"{"])
        | st.binary(max_size=40) | json_values.map(lambda v: json.dumps(v).encode()))
 def test_fuzz_adapter_config(config):
-    with workdir() as folder:
+    def write(folder: Path) -> Path:
         adapter = folder / "adapter"
         adapter.mkdir()
         g = torch.Generator().manual_seed(0)
@@ -233,7 +240,9 @@ def test_fuzz_adapter_config(config):
                    f"{PEFT}.lora_B.weight": torch.randn(8, 2, generator=g)},
                   str(adapter / "adapter_model.safetensors"), metadata=SD1)
         (adapter / "adapter_config.json").write_bytes(config)
-        library_case(folder, [adapter], convert_and_check(adapter))
+        return adapter
+
+    file_case(write)
 
 
 # ------------------------------------------------------------------------------------------------
