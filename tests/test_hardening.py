@@ -118,6 +118,14 @@ def test_modules_in_blocks_no_variant_has_are_refused(capsys, tmp_path):
     assert len(loramerge.load(loramerge.tinyworld.lora_paths()["bold"])) == 64
 
 
+def test_forcing_another_architecture_on_exact_names_is_refused(capsys, tmp_path):
+    # found by the fuzz suite: an SD1 file read --arch sdxl (its names exist in SDXL only up to
+    # their numbers) was written as SDXL and could not be read back
+    a = kohya(tmp_path / "a.safetensors")
+    merge_refused(capsys, tmp_path, a, "is a sd1 or sd2 LoRA", "no sdxl model", "--arch sd1", extra=("--arch", "sdxl"))
+    assert cli(capsys, "merge", a, "--arch", "sd1", "-o", tmp_path / "out.safetensors")[0] == 0
+
+
 def test_dit_blocks_beyond_the_tables_are_read_with_a_warning(tmp_path):
     # Flux.1 has 38 single blocks (0–37); a longer custom Flux is read up to layer numbers
     name = "transformer.single_transformer_blocks.50.attn.to_q"

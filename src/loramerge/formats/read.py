@@ -18,10 +18,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import LoraMergeWarning, NotALoraError, ShapeMismatchError, UnsupportedModuleError
+from ..errors import (ArchitectureMismatchError, LoraMergeWarning, NotALoraError, ShapeMismatchError,
+                      UnsupportedModuleError)
 from ..lora import LoRA, LoraModule
-from . import keymaps, lycoris, validate
-from .detect import Reading, detect
+from . import archs, keymaps, lycoris, validate
+from .detect import Reading, detect, read_as
 from .placement import Match
 from .schemes import Target
 from .sources import TensorSource, open_source
@@ -93,7 +94,7 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
         validate.check_size(raw.prefix, shapes[_placed_prefix(raw)], source)
         validate.check_bias(raw, shapes[_placed_prefix(raw)], source)
     reading = detect(shapes, source.metadata, source.extra_config, arch, source.path)
-    _check_placed(reading, shapes, source)
+    _check_placed(reading, shapes, source, forced=arch is not None)
     configs = _peft_configs(source)
     modules: list[LoraModule] = []
     for raw in raw_modules:
@@ -105,14 +106,25 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
     return lora
 
 
-def _check_placed(reading: Reading, shapes: dict[str, tuple[int, ...]], source: TensorSource) -> None:
+def _check_placed(reading: Reading, shapes: dict[str, tuple[int, ...]], source: TensorSource,
+                  forced: bool = False) -> None:
     """Modules read only up to their layer numbers with a number beyond every variant of the
     architecture: refused for UNets and text encoders (``down_blocks_99`` on SD1 is a broken or
     foreign file); read with a warning for a DiT's ``transformer``, a stack of identical blocks
     that custom models lengthen. Numbers within the variants' ranges (a small UNet laid out
     differently, like the tiny world's) are read as they are."""
-    beyond = sorted(p for p, m in reading.chosen.items()
-                    if not m.exact and validate.beyond_tables(reading.arch.name, m.component, m.target.members))
+    inexact = [p for p, m in reading.chosen.items() if not m.exact]
+    if forced and inexact:  # --arch X on a file whose names exist exactly in another architecture
+        exact = [a.name for a in archs.registry().values()
+                 if a.name != reading.arch.name and not read_as(a, shapes, exact_only=True).misfits]
+        if exact:
+            raise ArchitectureMismatchError(
+                f"is a {' or '.join(exact)} LoRA: every module name exists there, while {len(inexact)} of them "
+                f"(e.g. {sorted(inexact)[0]}) exist in no {reading.arch.name} model; give --arch {exact[0]} or none",
+                source.path)
+    beyond = sorted(p for p in inexact
+                    if validate.beyond_tables(reading.arch.name, reading.chosen[p].component,
+                                              reading.chosen[p].target.members))
     fixed = [p for p in beyond if reading.chosen[p].component != "transformer"]
     if fixed:
         shown = ", ".join(fixed[:4]) + (f" and {len(fixed) - 4} more" if len(fixed) > 4 else "")
