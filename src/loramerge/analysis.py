@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from . import linalg
+from .errors import OutputPathError
+from .outputs import Staged, check_output
 from .lora import LoRA
 from .formats import archs
 from .report import block_of
@@ -123,16 +125,43 @@ def _mean_curve(curves: list[list[float]]) -> list[float]:
     return [sum(c[k] for c in curves if k < len(c)) / sum(1 for c in curves if k < len(c)) for k in range(n)]
 
 
+REPORT_FILES = ("analysis.json", "similarity.png", "spectra.png")
+
+
+def report_paths(folder: Path, inputs=()) -> list[Path]:
+    """The files :func:`write_report` writes, checked before anything is computed: a new
+    folder's parent must exist; in an existing folder each file must be absent or a regular
+    file, and none of ``inputs``."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputPathError("--out must be a folder", folder)
+    if not folder.exists():
+        check_output(folder, folder=True)
+    paths = [folder / name for name in REPORT_FILES]
+    if folder.exists():
+        for path in paths:
+            check_output(path, inputs)
+    return paths
+
+
 def write_report(result: dict, folder: Path) -> list[Path]:
-    """analysis.json, similarity.png (cosine and sign conflicts per block), spectra.png."""
+    """analysis.json, similarity.png (cosine and sign conflicts per block), spectra.png — all
+    three renamed into place together once every one is complete (a failed plot leaves the
+    previous report whole)."""
+    paths = report_paths(folder)
+    Path(folder).mkdir(exist_ok=True)
+    with Staged(paths) as temps:
+        temps[0].write_text(json.dumps(result, indent=2, allow_nan=False), encoding="utf-8")
+        _plot_similarity(result, temps[1])
+        _plot_spectra(result, temps[2])
+    return paths
+
+
+def _plot_similarity(result: dict, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / "analysis.json", folder / "similarity.png", folder / "spectra.png"]
-    paths[0].write_text(json.dumps(result, indent=2))
 
     blocks = list(result["blocks"])
     pairs = sorted({p for b in result["blocks"].values() for p in b["cosine"]})
@@ -152,8 +181,15 @@ def write_report(result: dict, folder: Path) -> list[Path]:
                     ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=6)
         fig.colorbar(image, ax=ax, fraction=0.05)
     fig.tight_layout()
-    fig.savefig(paths[1], dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
+
+
+def _plot_spectra(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, curve in result["spectra"].items():
@@ -164,6 +200,5 @@ def write_report(result: dict, folder: Path) -> list[Path]:
     ax.legend(fontsize=7)
     ax.set_title("singular spectra")
     fig.tight_layout()
-    fig.savefig(paths[2], dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
-    return paths

@@ -122,10 +122,20 @@ def parse_block_weights(spec, arch: str) -> BlockWeights:
                     "comma-separated numbers, or a JSON object"
                 ) from None
     if isinstance(spec, (list, tuple)):
-        return from_vector([float(x) for x in spec], arch)
+        if not all(isinstance(x, (int, float, str)) and not isinstance(x, bool) for x in spec):
+            raise UsageError(f"block weights: a vector holds numbers, got {_short(spec)}")
+        try:
+            return from_vector([float(x) for x in spec], arch)
+        except ValueError:
+            raise UsageError(f"block weights: a vector holds numbers, got {_short(spec)}") from None
     if isinstance(spec, dict):
         return from_dict(spec, arch)
     raise UsageError(f"block weights: unsupported value {spec!r}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "…"
 
 
 def from_vector(values: list[float], arch: str) -> BlockWeights:

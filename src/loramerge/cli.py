@@ -1,4 +1,12 @@
-"""The ``loramerge`` command line. Errors a user can fix print one line and exit with code 2."""
+"""The ``loramerge`` command line.
+
+One error boundary (:func:`run_guarded` for the commands, :func:`main` for option parsing):
+every failure a user can reach prints ONE plain-text line on stderr (``error: …``; control
+characters escaped, rich markup never interpreted) and exits with code 2; an unexpected
+internal error prints one line too (``internal error: …; please report it``) and exits with
+code 3, unless ``LORAMERGE_DEBUG`` is set (then the traceback). Warnings print as one line
+(``warning: …``) and do not change the exit code.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +22,13 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+try:  # typer ≥ 0.22 vendors click; older typer uses the click package
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
+
 from .version import __version__
-from .errors import ClientWarning, LoraMergeError, UsageError
+from .errors import ClientWarning, LoraMergeError, UsageError, one_line
 from .outputs import check_output
 from .recipe import parse_source
 
@@ -26,27 +39,60 @@ app = typer.Typer(
     help="Read, merge, convert, fuse, extract and live-mix LoRA adapters of diffusion models "
     "(SD1/2, SDXL, SD3, Flux and today's DiTs), exactly, on ΔW.",
 )
-err = Console(stderr=True)
-out = Console()
+# Plain consoles: file names, keys and titles are printed as they are, never read as markup.
+err = Console(stderr=True, markup=False)
+out = Console(markup=False)
+
+EXIT_USER = 2  # a failure the user can act on: one line
+EXIT_INTERNAL = 3  # a bug: one line (LORAMERGE_DEBUG=1 for the traceback)
+EXIT_INTERRUPTED = 130
+MAX_THREADS = 1024
+
+FOLLOW_SYMLINKS_HELP = "Write through an output path that is a symbolic link (to its target)."
+
+
+def say(prefix: str, text: object) -> None:
+    """One line on stderr, literally (control characters escaped)."""
+    sys.stderr.write(one_line(f"{prefix}{text}") + "\n")
+    sys.stderr.flush()
+
+
+def note(text: object) -> None:
+    """A progress or result line on stderr (one line, literal)."""
+    say("", text)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    say("warning: ", message)
 
 
 def run_guarded(fn: Callable[[], None], threads: Optional[int] = None) -> None:
-    """Run a command; a LoraMergeError becomes one line on stderr and exit code 2; each
-    ClientWarning (a file some client will not load exactly) one ``warning:`` line."""
-    _set_threads(threads)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ClientWarning)
-        try:
-            fn()
-        except LoraMergeError as exc:
-            err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        finally:
-            for w in caught:
-                if issubclass(w.category, ClientWarning):
-                    err.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
-                else:
-                    warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    """Run a command inside the error boundary (see the module's docstring)."""
+    previous = warnings.showwarning
+    warnings.showwarning = _show_warning
+    filters = warnings.catch_warnings()
+    filters.__enter__()
+    warnings.simplefilter("always", ClientWarning)  # one line per file written, every time
+    try:
+        _set_threads(threads)
+        fn()
+    except LoraMergeError as exc:
+        say("error: ", exc)
+        raise typer.Exit(EXIT_USER) from None
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        say("", "interrupted")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as exc:  # noqa: BLE001 — the boundary: anything else is a bug
+        if os.environ.get("LORAMERGE_DEBUG"):
+            raise
+        say("internal error: ", f"{type(exc).__name__}: {exc}; please report it "
+            "(LORAMERGE_DEBUG=1 prints the traceback)")
+        raise typer.Exit(EXIT_INTERNAL) from None
+    finally:
+        filters.__exit__(None, None, None)
+        warnings.showwarning = previous
 
 
 def make_progress() -> Progress:
@@ -57,6 +103,7 @@ def make_progress() -> Progress:
         TimeElapsedColumn(),
         console=err,
         transient=True,
+        disable=not err.is_terminal,  # piped stderr gets the result lines only
     )
 
 
@@ -66,9 +113,25 @@ def _set_threads(threads: Optional[int]) -> None:
     can make small matrix products 5–100× slower while anything else runs."""
     import torch
 
-    threads = threads or int(os.environ.get("LORAMERGE_THREADS", "0")) or (1 if (os.cpu_count() or 1) <= 2 else 0)
+    if threads is not None and not 0 <= threads <= MAX_THREADS:
+        raise UsageError(f"--threads takes 1 to {MAX_THREADS} (0: the default), got {threads}")
+    if not threads:
+        threads = _env_threads()
+    threads = threads or (1 if (os.cpu_count() or 1) <= 2 else 0)
     if threads:
         torch.set_num_threads(threads)
+
+
+def _env_threads() -> int:
+    text = os.environ.get("LORAMERGE_THREADS", "").strip()
+    try:
+        value = int(text or "0")
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_THREADS:
+        raise UsageError(f"LORAMERGE_THREADS must be an integer from 1 to {MAX_THREADS} (0: the default), "
+                         f"got {text!r}")
+    return value
 
 
 # --------------------------------------------------------------------------------------------
@@ -107,7 +170,7 @@ def inspect(
         if as_json:
             print(json.dumps(summary, indent=2))
         else:
-            out.print(report.format_summary(summary), highlight=False, soft_wrap=True)
+            out.print(report.format_summary(summary))
 
     run_guarded(body)
 
@@ -134,6 +197,7 @@ def merge(
                                         "file): DoRA, IA3, OFT, BOFT and GLoRA modules become their exact ΔW on it; "
                                         "learned methods (ziplora, soups_cat) train on it (a pipeline folder)."),
     prompts: List[str] = typer.Option([], "--prompts", help="Prompt template for learned methods; {trigger} = the LoRA's trigger phrase (repeatable)."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help=FOLLOW_SYMLINKS_HELP),
 ):
     """Merge LoRAs on ΔW and write one LoRA file (from arguments, or from --recipe)."""
     content_flags = {"--method": method, "--rank": rank, "--energy": energy, "--space": space, "--param": param or None,
@@ -143,7 +207,7 @@ def merge(
     def body():
         from .formats.write import formats, resolve_dtype
         from .io import load_all, save
-        from .merge import merge as merge_loras
+        from .merge import merge as merge_loras, resolve_device, source_date_epoch
         from .methods import get_method
         from .recipe import Recipe, Source, load_recipe
 
@@ -177,7 +241,10 @@ def merge(
         if plan.format is not None and plan.format not in formats():
             raise UsageError(f"unknown format {plan.format!r}; use {' or '.join(formats())}")
         resolve_dtype(plan.dtype)
-        check_output(target, [str(s.path) for s in plan.sources] + ([str(base)] if base else []))
+        resolve_device(plan.device)
+        source_date_epoch()
+        target = check_output(target, [str(s.path) for s in plan.sources] + ([str(base)] if base else []),
+                              follow_symlinks=follow_symlinks)
         start = time.perf_counter()
         from .basemodel import open_base
 
@@ -226,11 +293,7 @@ def _print_merge_summary(result, output: Path, seconds: float) -> None:
     errors = [s["refactor_error"] for s in result.stats.values() if "refactor_error" in s]
     if errors:
         extra += f", re-factorisation error max {max(errors):.3g} mean {sum(errors) / len(errors):.3g}"
-    err.print(
-        f"wrote {output}: {len(result)} modules ({result.arch}), rank {rank_text}{extra}, {seconds:.1f} s",
-        highlight=False,
-        soft_wrap=True,
-    )
+    note(f"wrote {output}: {len(result)} modules ({result.arch}), rank {rank_text}{extra}, {seconds:.1f} s")
 
 
 @app.command()
@@ -242,6 +305,7 @@ def convert(
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection."),
     rank: Optional[int] = typer.Option(None, "--rank", "-r", help="Truncate every module to this rank (best approximation; error reported)."),
     energy: Optional[float] = typer.Option(None, "--energy", help="Per module, the smallest rank keeping this fraction of Σσ²."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help=FOLLOW_SYMLINKS_HELP),
 ):
     """Rewrite a LoRA in another format (its ΔW unchanged, unless --rank/--energy truncates it)."""
 
@@ -249,17 +313,16 @@ def convert(
         from .io import load, save
         from .merge import merge as merge_loras
 
-        check_output(output, [str(file)])
+        target = check_output(output, [str(file)], follow_symlinks=follow_symlinks)
         lora = load(file, arch=arch)
         if rank is not None or energy is not None:
             lora = merge_loras([lora], method="svd", rank=rank, energy=energy, device="cpu")
-        written = save(lora, output, format=format, dtype=dtype)
+        written = save(lora, target, format=format, dtype=dtype)
         kept = [s["energy_kept"] for s in lora.stats.values() if "energy_kept" in s]
         truncated = f", truncated: min energy kept {min(kept):.6f}" if kept else ""
-        err.print(f"wrote {output}: {len(lora)} modules ({lora.arch}, → {written}){truncated}",
-                  highlight=False, soft_wrap=True, markup=False)
+        note(f"wrote {output}: {len(lora)} modules ({lora.arch}, → {written}){truncated}")
         if not kept:
-            _note_growth(file, output, lora)
+            _note_growth(file, target, lora)
 
     run_guarded(body)
 
@@ -272,9 +335,9 @@ def _note_growth(source: Path, output: Path, lora) -> None:
     before, after = weights_file(source).stat().st_size, output.stat().st_size
     if after > 2 * before:
         top = max(m.rank for m in lora)
-        err.print(f"note: {output.name} is {after / before:.1f}× the size of {source.name} ({after / 2**20:.1f} MB vs "
+        note(f"note: {output.name} is {after / before:.1f}× the size of {source.name} ({after / 2**20:.1f} MB vs "
                   f"{before / 2**20:.2f} MB): the exact factors reach rank {top}; --rank N or --energy F bounds it "
-                  "(the error is reported)", highlight=False, soft_wrap=True, markup=False)
+                  "(the error is reported)")
 
 
 @app.command(name="check")
@@ -324,6 +387,7 @@ def fuse(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="Output dtype fp16|bf16|fp32 (default: the base's)."),
     arch: Optional[str] = typer.Option(None, "--arch", help="Override architecture detection of the LoRAs."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help=FOLLOW_SYMLINKS_HELP),
 ):
     """Fuse LoRAs into a base checkpoint, streamed tensor by tensor (float32 math, one cast)."""
 
@@ -348,14 +412,14 @@ def fuse(
                 raise UsageError("nothing to fuse: give --lora FILE[:WEIGHT] or --recipe")
             parsed = [parse_source(x) for x in lora]
             paths, weights, kwargs = [Path(p) for p, _ in parsed], [w for _, w in parsed], {"method": "cat"}
-        check_output(output, [str(base)] + [str(p) for p in paths])
+        target = check_output(output, [str(base)] + [str(p) for p in paths], follow_symlinks=follow_symlinks,
+                              folder=base.is_dir(), not_inside=[base])
         with make_progress() as progress:
             task = progress.add_task("fusing", total=None)
-            report = fuse_into(base, paths, output, weights=weights, dtype=dtype, arch=fuse_arch,
+            report = fuse_into(base, paths, target, weights=weights, dtype=dtype, arch=fuse_arch,
                                progress=lambda done, total, key: progress.update(task, completed=done), **kwargs)
-        err.print(f"wrote {report.output}: {report.modules} LoRA modules into {report.tensors_touched} of "
-                  f"{report.tensors_total} tensors ({', '.join(report.components)}), {report.seconds:.1f} s",
-                  highlight=False, soft_wrap=True)
+        note(f"wrote {report.output}: {report.modules} LoRA modules into {report.tensors_touched} of "
+                  f"{report.tensors_total} tensors ({', '.join(report.components)}), {report.seconds:.1f} s")
 
     run_guarded(body, threads)
 
@@ -371,6 +435,7 @@ def extract(
     dtype: Optional[str] = typer.Option("fp16", "--dtype", help="Output dtype fp16|bf16|fp32."),
     threshold: float = typer.Option(0.0, "--threshold", help="Skip modules whose ‖Δ‖_F is at most this."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help=FOLLOW_SYMLINKS_HELP),
 ):
     """Extract a LoRA from the difference of two checkpoints (randomized SVD per module)."""
 
@@ -382,18 +447,18 @@ def extract(
         if format is not None and format not in formats():
             raise UsageError(f"unknown format {format!r}; use {' or '.join(formats())}")
         resolve_dtype(dtype)
-        check_output(output, [str(base), str(tuned)])
+        target = check_output(output, [str(base), str(tuned)], follow_symlinks=follow_symlinks)
         with make_progress() as progress:
             task = progress.add_task("extracting", total=None)
             lora, report = extract_lora(base, tuned, rank=rank, energy=energy, threshold=threshold,
                                         progress=lambda d, t, k: progress.update(task, completed=d, total=t))
-        save(lora, output, format=format, dtype=dtype)
+        save(lora, target, format=format, dtype=dtype)
         errors = sorted(report.errors.items(), key=lambda kv: -kv[1])
         for key, error in errors[:10]:
-            out.print(f"{error:9.3e}  {key}", highlight=False)
+            out.print(f"{error:9.3e}  {key}")
         mean = sum(report.errors.values()) / len(report.errors)
-        err.print(f"wrote {output}: {report.modules} modules ({lora.arch}), {report.skipped_unchanged} unchanged skipped; "
-                  f"relative error max {errors[0][1]:.3e} mean {mean:.3e} (worst 10 above)", highlight=False, soft_wrap=True)
+        note(f"wrote {output}: {report.modules} modules ({lora.arch}), {report.skipped_unchanged} unchanged skipped; "
+                  f"relative error max {errors[0][1]:.3e} mean {mean:.3e} (worst 10 above)")
 
     run_guarded(body, threads)
 
@@ -409,6 +474,7 @@ def generate(
     guidance: float = typer.Option(5.0, "--guidance"),
     output: Path = typer.Option(..., "-o", "--output", help="Output PNG."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads."),
+    follow_symlinks: bool = typer.Option(False, "--follow-symlinks", help=FOLLOW_SYMLINKS_HELP),
 ):
     """Images from a local pipeline with LoRAs mixed in: a labelled grid over weights or methods."""
 
@@ -416,10 +482,10 @@ def generate(
         from .generate import generate_grid, parse_axis
 
         axis = parse_axis(grid)
-        check_output(output, [p for p, _ in map(parse_source, lora)])
-        path = generate_grid(base, [parse_source(x) for x in lora], prompt, output, axis, seed, steps, guidance)
-        err.print(f"wrote {path}: {len(prompt)} prompt(s) × {len(axis.values)} {axis.name} value(s)",
-                  highlight=False, soft_wrap=True)
+        target = check_output(output, [str(base)] + [p for p, _ in map(parse_source, lora)],
+                              follow_symlinks=follow_symlinks)
+        path = generate_grid(base, [parse_source(x) for x in lora], prompt, target, axis, seed, steps, guidance)
+        note(f"wrote {path}: {len(prompt)} prompt(s) × {len(axis.values)} {axis.name} value(s)")
 
     run_guarded(body, threads)
 
@@ -436,12 +502,13 @@ def analyze(
     """Per block: cosine similarity, sign conflicts, spectra and effective rank, energy a merge keeps."""
 
     def body():
-        from .analysis import analyze as run_analysis, write_report
+        from .analysis import analyze as run_analysis, report_paths, write_report
         from .io import load_all
         from .merge import merge as merge_loras
 
         if len(files) < 2:
             raise UsageError("analyze needs at least two LoRA files")
+        report_paths(out_dir, files)  # before anything is computed
         loras = load_all(files, arch=arch)
         from .methods import get_method
 
@@ -452,9 +519,8 @@ def analyze(
             cos = ", ".join(f"{v:+.2f}" for v in row["cosine"].values())
             conf = ", ".join(f"{v:.2f}" for v in row["sign_conflict"].values())
             kept = ", ".join(f"{v:.2f}" if v is not None else "-" for v in row.get("energy_retained", []))
-            out.print(f"{name:<34} cos {cos:<14} conflicts {conf:<12} kept by {method} {kept}",
-                      highlight=False, soft_wrap=True)
-        err.print("wrote " + ", ".join(str(p) for p in paths), highlight=False, soft_wrap=True)
+            out.print(f"{name:<34} cos {cos:<14} conflicts {conf:<12} kept by {method} {kept}")
+        note("wrote " + ", ".join(str(p) for p in paths))
 
     run_guarded(body)
 
@@ -474,10 +540,9 @@ def demo(
         chosen = tuple(s.strip() for s in styles.split(",") if s.strip())
         if len(chosen) != 2:
             raise UsageError("--styles takes two style names, e.g. bold,slanted")
-        err.print(f"tiny digit world: merging {' + '.join(chosen)} …", highlight=False)
-        page = run_demo(out_dir, chosen, samples, log=lambda line: out.print(line, highlight=False, soft_wrap=True))
-        out.print(f"wrote {page} (open it in a browser) and the merged LoRAs, grids and a fused pipeline beside it",
-                  highlight=False, soft_wrap=True)
+        note(f"tiny digit world: merging {' + '.join(chosen)} …")
+        page = run_demo(out_dir, chosen, samples, log=lambda line: out.print(line))
+        out.print(f"wrote {page} (open it in a browser) and the merged LoRAs, grids and a fused pipeline beside it")
 
     run_guarded(body, threads)
 
@@ -574,9 +639,9 @@ def methods():
     from .methods import METHODS
 
     for m in sorted(METHODS.values(), key=lambda m: m.name):
-        out.print(f"[bold]{m.name}[/]  {m.summary}", highlight=False, soft_wrap=True)
+        out.print(f"[bold]{m.name}[/]  {m.summary}", markup=True)
         for p in m.params:
-            out.print(f"    {p.name} = {p.default!r}  {p.help}", highlight=False, soft_wrap=True)
+            out.print(f"    {p.name} = {p.default!r}  {p.help}")
 
 
 @app.command(name="archs")
@@ -589,11 +654,10 @@ def list_archs(as_json: bool = typer.Option(False, "--json", help="Print as JSON
         print(json.dumps(rows, indent=2))
         return
     for row in rows:
-        out.print(f"{row['name']:<14} {row['label']}", highlight=False, soft_wrap=True, markup=False)
-        out.print(f"{'':<14} variants: {', '.join(row['variants'])}", highlight=False, soft_wrap=True, markup=False)
-        out.print(f"{'':<14} reads: {', '.join(row['reads'])}", highlight=False, soft_wrap=True, markup=False)
-        out.print(f"{'':<14} writes: {', '.join(row['writes'])} (default {row['default_format']})",
-                  highlight=False, soft_wrap=True, markup=False)
+        out.print(f"{row['name']:<14} {row['label']}")
+        out.print(f"{'':<14} variants: {', '.join(row['variants'])}")
+        out.print(f"{'':<14} reads: {', '.join(row['reads'])}")
+        out.print(f"{'':<14} writes: {', '.join(row['writes'])} (default {row['default_format']})")
 
 
 @app.command()
@@ -602,8 +666,21 @@ def version():
     out.print(__version__)
 
 
-def main() -> None:
-    app()
+def main(argv: Optional[List[str]] = None) -> None:
+    """The entry point: click's own errors (an unknown option, a value of the wrong type) are
+    one line and exit code 2 like every other user error."""
+    try:
+        code = app(args=argv, standalone_mode=False, prog_name="loramerge")
+    except click_errors.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else "loramerge --help")
+        code = 0
+    except click_errors.ClickException as exc:
+        say("error: ", exc.format_message())
+        code = EXIT_USER
+    except typer.Abort:
+        say("", "aborted")
+        code = EXIT_INTERRUPTED
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,6 @@ import inspect
 import math
 import os
 import re
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """``text`` on one line, literally: control characters (newlines included) as escapes."""
+    return _CONTROL.sub(lambda m: repr(m.group())[1:-1] if m.group() not in "\u2028\u2029"
+                        else f"\\u{ord(m.group()):04x}", str(text))
 
 
 class LoraMergeError(Exception):
@@ -14,8 +23,8 @@ class LoraMergeError(Exception):
         super().__init__(self.__str__())
 
     def __str__(self) -> str:
-        text = " ".join(self.message.split())  # always one line
-        return f"{self.path}: {text}" if self.path else text
+        text = one_line(" ".join(str(self.message).split()))  # always one line
+        return f"{one_line(self.path)}: {text}" if self.path else text
 
 
 class FileFormatError(LoraMergeError):
@@ -58,6 +67,10 @@ class AmbiguousArchitectureError(NotALoraError):
         super().__init__(message, path)
 
 
-class ClientWarning(UserWarning):
+class LoraMergeWarning(UserWarning):
+    """Something a user should know that does not stop the command (printed as one line)."""
+
+
+class ClientWarning(LoraMergeWarning):
     """A file that loads, but not exactly, in some client (one line: the client, what differs,
     and the format that avoids it). The command line prints these as ``warning:`` lines."""

@@ -21,13 +21,14 @@ import torch
 
 from .basemodel import place
 from .blocks import parse_block_weights
-from .errors import LoraMergeError, NonFiniteError, OutputPathError, ShapeMismatchError
+from .errors import LoraMergeError, NonFiniteError, ShapeMismatchError
 from .formats.checkpoint import Checkpoint, Placement, to_module_layout
 from .formats.safetensors_io import StreamingWriter, TensorSpec
 from .formats.write import resolve_dtype
 from .lora import LoRA, LoraModule, all_finite
 from .io import load_all
 from .merge import _per_input, merge
+from .outputs import Staged, check_output
 
 Progress = Callable[[int, int, str], None]
 
@@ -101,8 +102,8 @@ def fuse(
     """Write ``base`` + Σ wᵢ·ΔWᵢ (or another merge of the LoRAs) to ``output``."""
     start = time.perf_counter()
     ckpt = Checkpoint(base)
-    output = Path(output)
-    _check_output(ckpt, output, loras)
+    output = check_output(output, [ckpt.path] + [Path(x) for x in loras if not isinstance(x, LoRA)],
+                          folder=ckpt.kind == "diffusers", not_inside=[ckpt.path])
     inputs = load_all(loras, arch=arch, prefer=ckpt.arch)
     for lora in inputs:
         ckpt.check_arch(lora.arch, lora.path)
@@ -143,15 +144,6 @@ def _base_dependent(inputs: list[LoRA], weights, method: str, block_weights):
         rest.variant = lora.variant
         kept.append(rest)
     return kept, streamed
-
-
-def _check_output(ckpt: Checkpoint, output: Path, loras) -> None:
-    sources = [ckpt.path] + [Path(x) for x in loras if not isinstance(x, LoRA)]
-    for source in sources:
-        if output.resolve() == Path(source).resolve():
-            raise OutputPathError(f"output would overwrite the input {source}", output)
-    if ckpt.kind == "diffusers" and output.exists():
-        raise OutputPathError("output folder already exists; choose a new path", output)
 
 
 def _cast(tensor: torch.Tensor, out_dtype: torch.dtype | None) -> torch.Tensor:
@@ -213,19 +205,12 @@ def _overflow(ckpt, spec) -> NonFiniteError:
 
 
 def _stream_folder(ckpt: Checkpoint, output: Path, plan, out_dtype, metadata, report, progress) -> None:
-    staging = output.parent / f".{output.name}.{os.getpid()}.tmp"
-    if not output.parent.is_dir():
-        raise OutputPathError(f"output directory {str(output.parent)!r} does not exist", output)
-    try:
-        shutil.copytree(ckpt.path, staging, ignore=_skip_streamed(ckpt))
+    with Staged([output], folder=True) as (staging,):
+        shutil.copytree(ckpt.path, staging, ignore=_skip_streamed(ckpt), symlinks=True)
         for rel in ckpt.files:
             _stream_file(ckpt, rel, staging / rel, plan, out_dtype, {}, report, progress)
         _fix_indexes(staging, out_dtype is not None)
         (staging / "loramerge_fused.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
-        os.rename(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _skip_streamed(ckpt: Checkpoint):

@@ -5,6 +5,7 @@ Every cell uses the same seed, so columns differ only by the mix.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,7 @@ from .errors import LoraMergeError, UsageError
 from .io import load
 from .merge import merge
 from .methods import get_method
+from .outputs import Staged, check_output
 from .runtime import attach
 
 
@@ -69,6 +71,9 @@ def generate_grid(base, loras: Sequence[tuple[str, float]], prompts: Sequence[st
     axis = axis or Axis("weight", [1.0])
     if not prompts:
         raise UsageError("give at least one --prompt")
+    if steps < 1 or not math.isfinite(guidance) or cell < 1:
+        raise UsageError(f"--steps must be at least 1 and --guidance finite, got {steps} and {guidance}")
+    output = check_output(output, [base] + [path for path, _ in loras])  # before anything is rendered
     pipe = load_pipeline(base)
     inputs = {f"lora{i}": load(path) for i, (path, _) in enumerate(loras)}
     weights = {f"lora{i}": w for i, (_, w) in enumerate(loras)}
@@ -108,7 +113,6 @@ def save_grid(columns, column_labels, row_labels, output, cell: int = 128) -> Pa
     for r, label in enumerate(row_labels):
         draw.text((4, label_h + r * cell + cell // 2 - 6), label[:26], fill="black")
     output = Path(output)
-    tmp = output.parent / f".{output.name}.{os.getpid()}.tmp"
-    canvas.save(tmp, format="PNG")
-    os.replace(tmp, output)
+    with Staged([output]) as (tmp,):
+        canvas.save(tmp, format="PNG")
     return output

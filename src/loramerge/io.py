@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Sequence
 
-from .errors import AmbiguousArchitectureError
+from .errors import AmbiguousArchitectureError, LoraMergeWarning
 from .formats import archs, read_lora, save_lora
 from .formats.write import dtype_name, resolve_dtype, resolve_format
 from .lora import LoRA
-from .provenance import RECIPE_KEY, embedded
+from .provenance import RECIPE_KEY, describe_embedded
 
 
 def load(path: str | os.PathLike, arch: str | None = None) -> LoRA:
@@ -50,8 +51,12 @@ def save(lora: LoRA, path: str | os.PathLike, format: str | None = None, dtype=N
     architecture); returns the format written. A merge result's recipe gets its output section
     (format, dtype, title), so the file says everything needed to make it again."""
     metadata = dict(metadata or {})
-    recipe = embedded(lora.metadata, lora.path)
-    if recipe is not None:
+    recipe = describe_embedded(lora.metadata, lora.path)
+    if recipe is not None and "invalid" in recipe:
+        warnings.warn(f"{lora.path}: {recipe['invalid']}; the field is not carried over", LoraMergeWarning,
+                      stacklevel=2)
+        metadata[RECIPE_KEY] = None
+    elif recipe is not None:
         arch = archs.spec(lora.arch)
         recipe["output"] = {
             "format": resolve_format(arch, format),

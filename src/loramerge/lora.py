@@ -109,10 +109,7 @@ class LoraModule:
     @property
     def in_features(self) -> int:
         """Columns of the flattened weight: in·kh·kw for a conv."""
-        n = 1
-        for s in self.shape[1:]:
-            n *= s
-        return n
+        return math.prod(self.shape[1:])
 
     def factors(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
         """(up m×r, down r×n) as 2-D tensors, unscaled; raises on NaN/Inf (and for modules whose

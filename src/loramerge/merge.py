@@ -7,6 +7,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
 import numbers
 import os
 from pathlib import Path
@@ -29,6 +30,25 @@ ProgressFn = Callable[[int, int, str], None]
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``device`` checked before any work: cpu, or cuda[:N] where CUDA is there."""
+    if device is None:
+        return default_device()
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise UsageError(f"unknown device {str(device)!r}; use cpu or cuda") from None
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type != "cuda":
+        raise UsageError(f"device {str(device)!r}: loramerge runs on cpu or cuda")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device {str(device)!r}: CUDA is not available here (torch {torch.__version__}); use cpu")
+    if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise UsageError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 def merge(
@@ -80,7 +100,8 @@ def merge(
     resolved = the_method.resolve_params(params)
     _check_rank_options(the_method, rank, energy)
     _check_same_arch(inputs)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
+    source_date_epoch()  # a bad SOURCE_DATE_EPOCH is refused before the work, not after it
     per_input_blocks = [None if b is None else parse_block_weights(b, inputs[0].arch)
                         for b in _per_input(block_weights, len(inputs))]
 
@@ -209,10 +230,7 @@ def _check_same_arch(inputs: list[LoRA]) -> None:
 
 
 def _flat(shape: tuple[int, ...]) -> tuple[int, int]:
-    n = 1
-    for s in shape[1:]:
-        n *= s
-    return shape[0], n
+    return shape[0], math.prod(shape[1:])
 
 
 def _check_shapes(terms: list[Term], inputs: list[LoRA]) -> tuple[int, ...]:
@@ -298,15 +316,32 @@ def provenance(inputs: list[LoRA], recipe: dict) -> dict[str, str]:
     }
 
 
+_LAST_EPOCH = 253402300799  # 9999-12-31T23:59:59Z
+
+
+def source_date_epoch() -> int | None:
+    """SOURCE_DATE_EPOCH (seconds since 1970, UTC) if set; anything but such an integer is refused."""
+    text = os.environ.get("SOURCE_DATE_EPOCH")
+    if not text:
+        return None
+    try:
+        epoch = int(text.strip())
+    except ValueError:
+        epoch = -1
+    if not 0 <= epoch <= _LAST_EPOCH:
+        raise UsageError(f"SOURCE_DATE_EPOCH must be whole seconds since 1970 (0 to {_LAST_EPOCH}), got {text!r}")
+    return epoch
+
+
 def merge_date(inputs: list[LoRA]) -> str:
     """A date that depends on the inputs only, so a rerun writes identical bytes.
 
     SOURCE_DATE_EPOCH if set (the reproducible-builds convention); else the newest date the
     inputs' own headers give; else the newest input file's modification time (UTC).
     """
-    epoch = os.environ.get("SOURCE_DATE_EPOCH")
-    if epoch:
-        return _dt.datetime.fromtimestamp(int(epoch), _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
+    epoch = source_date_epoch()
+    if epoch is not None:
+        return _dt.datetime.fromtimestamp(epoch, _dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")
     dates = [lora.metadata.get("modelspec.date") for lora in inputs if lora.metadata.get("modelspec.date")]
     if dates:
         return max(dates)

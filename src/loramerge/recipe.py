@@ -29,8 +29,8 @@ from .composer import COMPOSE_METHODS, Composition, compose
 from .errors import LoraMergeError, UsageError
 from .formats.write import formats, resolve_dtype
 from .methods import METHODS, get_method
-from .outputs import sha256_file
-from .provenance import RECIPE_KEY, RecipeError, embedded  # noqa: F401  (re-exported)
+from .outputs import inside, sha256_file
+from .provenance import RECIPE_KEY, RecipeError, describe_embedded, embedded  # noqa: F401  (re-exported)
 
 TOP_LEVEL = ("sources", "method", "params", "space", "rank", "energy", "seed", "block_weights",
              "output", "device", "arch", "compose")
@@ -90,10 +90,35 @@ class Recipe:
 def load_recipe(path: str | os.PathLike) -> Recipe:
     path = Path(path)
     try:
-        text = path.read_text()
+        if path.stat().st_size > MAX_RECIPE_BYTES:
+            raise RecipeError(f"a recipe is a short YAML file; this one has {path.stat().st_size} bytes", path)
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"not UTF-8 text (byte {exc.start}); a recipe is a YAML file", path) from None
     except OSError as exc:
-        raise RecipeError(f"cannot read recipe: {exc.strerror}", path) from None
+        raise RecipeError(f"cannot read recipe: {exc.strerror or exc}", path) from None
     return parse_recipe(text, path)
+
+
+MAX_RECIPE_BYTES = 1 << 20
+# The tags plain YAML resolves to; anything else (!!python/object, !!binary, local !tags) is refused.
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "map", "seq", "merge")}
+
+
+def _check_tags(root, path) -> None:
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.tag not in _PLAIN_TAGS:
+            raise RecipeError(f"line {_line(node)}: the tag {node.tag!r} is not allowed in a recipe (plain YAML only)",
+                              path)
+        if isinstance(node, yaml.MappingNode):
+            stack.extend(n for pair in node.value for n in pair)
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
 
 
 def parse_recipe(text: str, path: Path | None = None) -> Recipe:
@@ -104,6 +129,11 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark else ""
         raise RecipeError(f"{where}not valid YAML ({getattr(exc, 'problem', exc)})", path) from None
+    except RecursionError:
+        raise RecipeError("not a recipe: YAML nested too deeply", path) from None
+    if root is None:
+        raise RecipeError("the recipe is empty (it needs sources:, and usually method: and output:)", path)
+    _check_tags(root, path)
     v = _Validator(path)
     top = v.mapping(root, "recipe", TOP_LEVEL)
     if "sources" not in top:
@@ -135,7 +165,7 @@ def parse_recipe(text: str, path: Path | None = None) -> Recipe:
     if "seed" in top:
         recipe.seed = v.scalar(top["seed"], "seed", int, low=0)
     if "block_weights" in top:
-        recipe.block_weights = _plain(top["block_weights"])
+        recipe.block_weights = _plain(top["block_weights"], path)
     if "device" in top:
         recipe.device = v.scalar(top["device"], "device", str)
     if "arch" in top:
@@ -151,9 +181,13 @@ def _line(node) -> int:
     return node.start_mark.line + 1
 
 
-def _plain(node) -> Any:
+
+def _plain(node, path=None) -> Any:
     """A YAML node as plain Python data (safe types only)."""
-    return yaml.safe_load(yaml.serialize(node))
+    try:
+        return yaml.safe_load(yaml.serialize(node))
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        raise RecipeError(f"line {_line(node)}: cannot read this value ({type(exc).__name__})", path) from None
 
 
 class _Validator:
@@ -168,6 +202,8 @@ class _Validator:
             self.fail(node, where, "expected a mapping of field: value")
         fields = {}
         for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode):
+                self.fail(key_node, where, "field names are plain words")
             key = key_node.value
             if key not in allowed:
                 hint = difflib.get_close_matches(key, allowed, n=1)
@@ -181,7 +217,7 @@ class _Validator:
     def scalar(self, node, where: str, kind: type, low=None, high=None):
         if not isinstance(node, yaml.ScalarNode):
             self.fail(node, where, f"expected a single {kind.__name__}")
-        value = yaml.safe_load(yaml.serialize(node))
+        value = _plain(node, self.path)
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if kind is str and not isinstance(value, str):
@@ -215,7 +251,7 @@ class _Validator:
         declared = {p.name: p for p in method.params}
         out = {}
         for name, value_node in fields.items():
-            value = _plain(value_node)
+            value = _plain(value_node, self.path)
             try:
                 out[name] = declared[name].coerce(value)
             except LoraMergeError as exc:
@@ -237,7 +273,7 @@ class _Validator:
                 self.fail(item, where, "missing path")
             file = self._file(fields["path"], f"{where}.path", self.scalar(fields["path"], f"{where}.path", str), base)
             weight = self.scalar(fields["weight"], f"{where}.weight", float) if "weight" in fields else 1.0
-            block_weights = _plain(fields["block_weights"]) if "block_weights" in fields else None
+            block_weights = _plain(fields["block_weights"], self.path) if "block_weights" in fields else None
             sha = self.scalar(fields["sha256"], f"{where}.sha256", str) if "sha256" in fields else None
             if sha is not None:
                 self._same_bytes(fields["sha256"], f"{where}.sha256", file, sha)
@@ -248,7 +284,13 @@ class _Validator:
         if file.is_file() and sha256_file(file) != sha.lower():
             self.fail(node, where, f"{file.name} has changed since the recipe was written (SHA-256 differs)")
 
+    def _named(self, node, where: str, name: str) -> str:
+        if not name or "\0" in name:
+            self.fail(node, where, "expected a file name")
+        return name
+
     def _file(self, node, where: str, name: str, base: Path) -> Path:
+        self._named(node, where, name)
         path = Path(name) if Path(name).is_absolute() else base / name
         if not path.exists():
             self.fail(node, where, f"no such file {name!r}")
@@ -265,13 +307,23 @@ class _Validator:
                       f"available: {', '.join(COMPOSE_METHODS)}")
         return out
 
+    def _output_path(self, node, where: str, base: Path) -> Path:
+        """Relative to the recipe's folder and inside it (``../x`` is refused), or absolute."""
+        name = self._named(node, where, self.scalar(node, where, str))
+        if Path(name).is_absolute():
+            return Path(name)
+        target = base / name
+        if not inside(target, base):
+            self.fail(node, where, f"{name!r} lies outside the recipe's folder; give an absolute path to write there")
+        return target
+
     def output(self, node, recipe: Recipe, base: Path) -> None:
         if isinstance(node, yaml.ScalarNode):
-            recipe.output = base / self.scalar(node, "output", str)
+            recipe.output = self._output_path(node, "output", base)
             return
         fields = self.mapping(node, "output", OUTPUT_FIELDS)
         if "path" in fields:
-            recipe.output = base / self.scalar(fields["path"], "output.path", str)
+            recipe.output = self._output_path(fields["path"], "output.path", base)
         if "format" in fields:
             fmt = self.scalar(fields["format"], "output.format", str)
             if fmt not in formats():

@@ -10,7 +10,8 @@ import math
 from . import linalg
 from .formats import archs
 from .lora import LoRA, LoraModule
-from .provenance import embedded
+from .errors import one_line
+from .provenance import describe_embedded
 
 
 def block_of(spec: archs.Architecture, module: LoraModule) -> str:
@@ -66,7 +67,7 @@ def summarize(lora: LoRA, norms: bool = True) -> dict:
         "title": lora.metadata.get("modelspec.title"),
         "date": lora.metadata.get("modelspec.date"),
         "merged_from": lora.metadata.get("modelspec.merged_from"),
-        "recipe": embedded(lora.metadata, lora.path),
+        "recipe": describe_embedded(lora.metadata, lora.path),
     }
 
 
@@ -117,7 +118,9 @@ def format_summary(summary: dict) -> str:
     for key in ("title", "date", "merged_from"):
         if summary.get(key):
             lines.append(f"{key:<13} {summary[key]}")
-    if summary.get("recipe"):
+    if summary.get("recipe") and "invalid" in summary["recipe"]:
+        lines.append(f"recipe        (unreadable: {summary['recipe']['invalid']})")
+    elif summary.get("recipe"):
         r = summary["recipe"]
         params = ", ".join(f"{k}={v}" for k, v in (r.get("params") or {}).items())
         extra = [f"rank={r['rank']}" if r.get("rank") else "", f"energy={r['energy']}" if r.get("energy") else ""]
@@ -131,7 +134,7 @@ def format_summary(summary: dict) -> str:
     for name, b in summary["blocks"].items():
         norm = f"  {b['delta_norm']:.4g}" if has_norms else ""
         lines.append(f"{name:<40} {b['modules']:>7}  {_dist(b['ranks']):<14}{norm}")
-    return "\n".join(lines)
+    return "\n".join(map(one_line, lines))  # names and titles from the file, each on its line, literally
 
 
 def _variant_line(summary: dict) -> list[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import torch
@@ -49,9 +50,7 @@ def random_lora(
     gen = torch.Generator().manual_seed(seed)
     modules = []
     for (component, name), shape in sorted(targets.items()):
-        n = 1
-        for s in shape[1:]:
-            n *= s
+        n = math.prod(shape[1:])
         r = min(rank, shape[0], n)
         down = torch.randn(r, n, generator=gen) / n**0.5
         up = torch.randn(shape[0], r, generator=gen) * (scale / r**0.5)

@@ -73,11 +73,15 @@ class Checkpoint:
         if not file.is_file():
             return {}
         try:
-            data = json.loads(file.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            data = json.loads(file.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError):
             raise FileFormatError(f"{relative} is not valid JSON", self.path) from None
+        except OSError as exc:
+            raise FileFormatError(f"cannot read {relative}: {exc.strerror or exc}", self.path) from None
         if not isinstance(data, dict):
             raise FileFormatError(f"{relative} is not a JSON object", self.path)
+        if not isinstance(data.get("_class_name", ""), str):
+            raise FileFormatError(f"{relative}: _class_name is not a string", self.path)
         return data
 
     def _folder_arch(self) -> Architecture:

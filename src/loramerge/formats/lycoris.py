@@ -17,6 +17,7 @@ factor); 1 when alpha is absent or no operand is decomposed.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -41,13 +42,6 @@ class Plan:
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 def tucker_down(mid: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -82,7 +76,7 @@ def khatri_rao_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def plan(kind: str, shapes: dict[str, tuple[int, ...]], shape: tuple[int, ...]) -> Plan:
-    full_rank = min(shape[0], _numel(shape[1:]))
+    full_rank = min(shape[0], math.prod(shape[1:]))
     if kind == "full":
         return Plan(full_rank, None, True)
     if kind == "loha":
@@ -101,7 +95,7 @@ def plan(kind: str, shapes: dict[str, tuple[int, ...]], shape: tuple[int, ...]) 
 def _lokr_operand_rank(shapes, i: int) -> tuple[int, int | None]:
     if f"lokr_w{i}" in shapes:
         s = shapes[f"lokr_w{i}"]
-        return min(s[0], _numel(s[1:])), None
+        return min(s[0], math.prod(s[1:])), None
     if i == 2 and "lokr_t2" in shapes:
         return shapes["lokr_t2"][0], shapes["lokr_w2_b"][0]
     r = shapes[f"lokr_w{i}_b"][0]

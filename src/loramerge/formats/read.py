@@ -14,14 +14,16 @@ import json
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from ..errors import NotALoraError, ShapeMismatchError, UnsupportedModuleError
+from ..errors import (ArchitectureMismatchError, LoraMergeWarning, NotALoraError, ShapeMismatchError,
+                      UnsupportedModuleError)
 from ..lora import LoRA, LoraModule
-from . import archs, keymaps, lycoris, transforms
-from .detect import Reading, detect, named_variant
+from . import archs, keymaps, lycoris, transforms, validate
+from .detect import Reading, detect, named_variant, read_as
 from .placement import Match
 from .schemes import Target
 from .sources import TensorSource, open_source
@@ -125,8 +127,13 @@ def parse(source: TensorSource, arch: str | None = None) -> Parsed:
         raise NotALoraError("not a LoRA: the file holds no tensors", source.path)
     for raw in raw_modules:
         _check_supported(raw, source)
+        validate.check_module(raw, source)
     shapes = {placed_prefix(raw): _target_shape(raw, source) for raw in raw_modules}
+    for raw in raw_modules:
+        validate.check_size(raw.prefix, shapes[placed_prefix(raw)], source)
+        validate.check_bias(raw, shapes[placed_prefix(raw)], source)
     reading = detect(shapes, source.metadata, source.extra_config, arch, source.path)
+    _check_placed(reading, shapes, source, forced=arch is not None)
     return Parsed(source, raw_modules, shapes, reading, _peft_configs(source))
 
 
@@ -143,6 +150,38 @@ def read_lora(path: str | os.PathLike, arch: str | None = None) -> LoRA:
     lora.variant = named_variant(reading, source.metadata)  # None: several fit equally, the header names none
     lora.variants = (reading.variant, *reading.also)
     return lora
+
+
+def _check_placed(reading: Reading, shapes: dict[str, tuple[int, ...]], source: TensorSource,
+                  forced: bool = False) -> None:
+    """Modules read only up to their layer numbers with a number beyond every variant of the
+    architecture: refused for UNets and text encoders (``down_blocks_99`` on SD1 is a broken or
+    foreign file); read with a warning for a DiT's ``transformer``, a stack of identical blocks
+    that custom models lengthen. Numbers within the variants' ranges (a small UNet laid out
+    differently, like the tiny world's) are read as they are."""
+    inexact = [p for p, m in reading.chosen.items() if not m.exact]
+    if forced and inexact:  # --arch X on a file whose names exist exactly in another architecture
+        exact = [a.name for a in archs.registry().values()
+                 if a.name != reading.arch.name and not read_as(a, shapes, exact_only=True).misfits]
+        if exact:
+            raise ArchitectureMismatchError(
+                f"is a {' or '.join(exact)} LoRA: every module name exists there, while {len(inexact)} of them "
+                f"(e.g. {sorted(inexact)[0]}) exist in no {reading.arch.name} model; give --arch {exact[0]} or none",
+                source.path)
+    beyond = sorted(p for p in inexact
+                    if validate.beyond_tables(reading.arch.name, reading.chosen[p].component,
+                                              reading.chosen[p].target.members))
+    fixed = [p for p in beyond if reading.chosen[p].component != "transformer"]
+    if fixed:
+        shown = ", ".join(fixed[:4]) + (f" and {len(fixed) - 4} more" if len(fixed) > 4 else "")
+        raise NotALoraError(f"{len(fixed)} modules lie in blocks that no {reading.arch.name} model has: {shown}",
+                            source.path)
+    if beyond:
+        warnings.warn(f"{source.path}: {len(beyond)} modules lie in blocks beyond the largest known "
+                      f"{reading.arch.name} model (e.g. {beyond[0]}); read as a longer {reading.arch.name} "
+                      "transformer", LoraMergeWarning, stacklevel=3)
+    for prefix, shape in shapes.items():
+        validate.check_real_shape(prefix, shape, reading, source)
 
 
 def placed_prefix(raw: RawModule) -> str:
@@ -295,20 +334,25 @@ def _lokr_shape(shape: dict[str, tuple[int, ...]]) -> tuple[int, ...]:
 def _peft_configs(source: TensorSource) -> dict[str, dict]:
     configs: dict[str, dict] = {}
     raw = source.metadata.get("lora_adapter_metadata")
-    if raw:
+    if raw is not None:
         try:
             flat = json.loads(raw)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             raise NotALoraError("header field lora_adapter_metadata is not valid JSON", source.path) from None
+        if not isinstance(flat, dict):
+            raise NotALoraError("header field lora_adapter_metadata is not a JSON object of "
+                                f"component.field values (got {type(flat).__name__})", source.path)
         for key, value in flat.items():
             component, _, field_name = key.partition(".")
             configs.setdefault(component, {})[field_name] = value
-    if source.extra_config:
+        for component, config in configs.items():
+            validate.check_peft_config(config, f"lora_adapter_metadata ({component})", source.path)
+    if source.extra_config is not None:
         configs.setdefault("", source.extra_config)
     return configs
 
 
-def _config_alpha(configs: dict[str, dict], component: str, name: str, rank: int) -> float | None:
+def _config_alpha(configs: dict[str, dict], component: str, name: str, rank: int, path=None) -> float | None:
     config = configs.get(component) or configs.get("")
     if not config:
         return None
@@ -321,7 +365,9 @@ def _config_alpha(configs: dict[str, dict], component: str, name: str, rank: int
             alpha = value
             break
     if alpha is None:
-        return None
+        where = f"lora_adapter_metadata ({component})" if configs.get(component) else "adapter_config.json"
+        raise NotALoraError(f"{where} gives no lora_alpha for module {component}.{name}, which has no alpha "
+                            "tensor either; its scale is unknown", path)
     if config.get("use_rslora"):
         return float(alpha) * math.sqrt(rank)  # scale alpha/√r expressed as (alpha·√r)/r
     return float(alpha)
@@ -333,7 +379,7 @@ def _config_alpha(configs: dict[str, dict], component: str, name: str, rank: int
 def _file_alpha(raw: RawModule, source: TensorSource) -> float | None:
     if "alpha" not in raw.roles:
         return None
-    value = float(source.get(raw.roles["alpha"]).float().reshape(-1)[0])
+    value = float(source.get(raw.roles["alpha"]).double().reshape(-1)[0])
     if not math.isfinite(value):
         from ..errors import NonFiniteError
 
@@ -347,7 +393,7 @@ def _lora_alpha(raw: RawModule, match: Match, source: TensorSource, configs) -> 
     rank = source.shape(raw.roles["down"])[0]
     stated = _file_alpha(raw, source)
     if stated is None:
-        stated = _config_alpha(configs, match.component, match.target.members[0], rank)
+        stated = _config_alpha(configs, match.component, match.target.members[0], rank, source.path)
     return (stated or float(rank)), rank, stated
 
 
@@ -363,7 +409,8 @@ def _build(raw: RawModule, match: Match, shape: tuple[int, ...], source: TensorS
            configs) -> list[LoraModule]:
     kind = kind_of(raw)
     component, target = match.component, match.target
-    dtype = source.dtype(raw.roles.get("down") or raw.roles.get("diff") or next(iter(raw.roles.values())))
+    dtype = validate.storage_dtype(
+        source.dtype(raw.roles.get("down") or raw.roles.get("diff") or next(iter(raw.roles.values()))))
     path = str(source.path)
 
     def get(role: str) -> torch.Tensor:

@@ -8,9 +8,10 @@ always give the same bytes, and tensors can be streamed one at a time (checkpoin
 
 from __future__ import annotations
 
-import errno
 import json
+import math
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,8 @@ from typing import Iterable, Iterator, Mapping
 
 import torch
 
-from ..errors import FileFormatError, OutputPathError
+from ..errors import FileFormatError
+from ..outputs import Staged, output_error
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -38,6 +40,13 @@ DTYPE_NAMES: dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 
 # A header larger than this is not a model file but garbage read as a length.
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
+# Budgets checked on the raw header bytes before it is parsed, so a header built to exhaust
+# memory (a million zero-size tensors, millions of tiny entries) is refused in milliseconds.
+# The largest real files (a full SDXL/Flux checkpoint, a LyCORIS LoRA on every module) list a
+# few thousand tensors and a few hundred thousand JSON tokens.
+MAX_TENSORS = 100_000
+_MAX_HEADER_TOKENS = 4_000_000  # '{', '[', ':' and ',' (those inside strings counted too)
+_MAX_DIMS = 8
 
 
 @dataclass(frozen=True)
@@ -50,10 +59,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[str, str]]:
@@ -61,6 +67,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     path = Path(path)
     try:
         size = path.stat().st_size
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise FileFormatError("not a regular file", path)
         with open(path, "rb") as f:
             prefix = f.read(8)
             if len(prefix) < 8:
@@ -79,12 +87,9 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
         raise FileFormatError("is a directory, expected a .safetensors file", path) from None
     except PermissionError:
         raise FileFormatError("permission denied", path) from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise FileFormatError("not a safetensors file: header is not valid JSON", path) from None
-    if not isinstance(header, dict):
-        raise FileFormatError("not a safetensors file: header is not a JSON object", path)
+    except OSError as exc:
+        raise FileFormatError(f"cannot read: {exc.strerror or exc}", path) from None
+    header = _parse_header_json(raw, path)
 
     metadata = header.pop("__metadata__", None) or {}
     if not isinstance(metadata, dict) or not all(
@@ -95,32 +100,80 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, TensorInfo], dict[st
     data_size = size - 8 - header_len
     infos: dict[str, TensorInfo] = {}
     for name, entry in header.items():
-        info = _tensor_info(path, name, entry)
-        if info.end > data_size:
-            raise FileFormatError(
-                f"truncated file: tensor {name!r} ends at byte {info.end} of the data section, "
-                f"which has only {data_size} bytes",
-                path,
-            )
-        infos[name] = info
-    ordered = dict(sorted(infos.items(), key=lambda kv: kv[1].begin))
+        infos[name] = _tensor_info(path, name, entry)
+    ordered = dict(sorted(infos.items(), key=lambda kv: (kv[1].begin, kv[1].end)))
+    _check_layout(path, list(ordered.values()), data_size)
     return ordered, dict(metadata)
 
 
-def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_header_json(raw: bytes, path: Path) -> dict:
+    tensors = raw.count(b'"data_offsets"')
+    if tensors > MAX_TENSORS:
+        raise FileFormatError(f"header lists {tensors} tensors, more than the {MAX_TENSORS} loramerge reads", path)
+    tokens = sum(raw.count(c) for c in (b"{", b"[", b":", b","))
+    if tokens > _MAX_HEADER_TOKENS:
+        raise FileFormatError(f"header is too complex ({tokens} JSON tokens, more than {_MAX_HEADER_TOKENS})", path)
     try:
-        dtype_name = entry["dtype"]  # type: ignore[index]
-        shape = tuple(int(s) for s in entry["shape"])  # type: ignore[index]
-        begin, end = (int(x) for x in entry["data_offsets"])  # type: ignore[index]
-    except (KeyError, TypeError, ValueError):
-        raise FileFormatError(f"corrupt header entry for tensor {name!r}", path) from None
+        header = json.loads(raw.decode("utf-8"), parse_constant=_refuse_constant)
+    except UnicodeDecodeError:
+        raise FileFormatError("not a safetensors file: header is not UTF-8", path) from None
+    except RecursionError:
+        raise FileFormatError("not a safetensors file: header JSON is nested too deeply", path) from None
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, integers beyond Python's digit limit
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else str(exc).split(":")[0]
+        raise FileFormatError(f"not a safetensors file: header is not valid JSON ({why})", path) from None
+    if not isinstance(header, dict):
+        raise FileFormatError("not a safetensors file: header is not a JSON object", path)
+    return header
+
+
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _tensor_info(path: Path, name: str, entry: object) -> TensorInfo:
+    corrupt = FileFormatError(f"corrupt header entry for tensor {name!r}", path)
+    if not isinstance(entry, dict):
+        raise corrupt
+    dtype_name, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(dtype_name, str) or not isinstance(shape, list) or not isinstance(offsets, list):
+        raise corrupt
+    if not all(_int(s) for s in shape) or len(offsets) != 2 or not all(_int(x) for x in offsets):
+        raise corrupt
     if dtype_name not in DTYPES:
-        raise FileFormatError(f"tensor {name!r} has unsupported dtype {dtype_name!r}", path)
+        raise FileFormatError(f"tensor {name!r} has unsupported dtype {dtype_name[:20]!r}", path)
+    if len(shape) > _MAX_DIMS:
+        raise FileFormatError(f"tensor {name!r} has {len(shape)} dimensions; no LoRA or model tensor has more "
+                              f"than {_MAX_DIMS}", path)
     dtype = DTYPES[dtype_name]
-    info = TensorInfo(name, dtype, shape, begin, end)
-    if any(s < 0 for s in shape) or end - begin != info.numel * dtype.itemsize or begin < 0:
+    begin, end = offsets
+    info = TensorInfo(name, dtype, tuple(shape), begin, end)
+    if any(s < 0 for s in shape) or begin < 0 or end - begin != info.numel * dtype.itemsize:
         raise FileFormatError(f"corrupt header: size of tensor {name!r} does not match its shape", path)
     return info
+
+
+def _check_layout(path: Path, infos: list[TensorInfo], data_size: int) -> None:
+    """Tensors lie back to back and fill the data section exactly (what safetensors writes and
+    requires): no overlaps, no gaps, nothing past the end."""
+    position = 0
+    for info in infos:
+        if info.end > data_size:
+            raise FileFormatError(
+                f"truncated file: tensor {info.name!r} ends at byte {info.end} of the data section, "
+                f"which has only {data_size} bytes",
+                path,
+            )
+        if info.begin != position:
+            what = "overlaps the tensor before it" if info.begin < position else "leaves a gap before it"
+            raise FileFormatError(f"corrupt header: tensor {info.name!r} {what}", path)
+        position = info.end
+    if position != data_size:
+        raise FileFormatError(f"corrupt file: {data_size - position} bytes after the last tensor", path)
 
 
 class SafetensorsFile:
@@ -176,10 +229,7 @@ class TensorSpec:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for s in self.shape:
-            n *= s
-        return n
+        return self.dtype.itemsize * math.prod(self.shape)
 
 
 def file_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
@@ -214,25 +264,27 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
 
 
 class StreamingWriter:
-    """Writes a safetensors file tensor by tensor to a temp file, renamed into place on success.
+    """Writes a safetensors file tensor by tensor to a temp file, renamed into place on success
+    (:class:`~loramerge.outputs.Staged`).
 
     The header (all names, dtypes, shapes) is fixed up front; tensors must then be written in
-    ``self.order``. Use as a context manager: an exception removes the temp file, so a failed
-    run never leaves a partial output.
+    ``self.order``. Use as a context manager: an exception (or SIGTERM) removes the temp file,
+    so a failed run never leaves a partial output.
     """
 
     def __init__(self, path: str | os.PathLike, specs: Iterable[TensorSpec], metadata=None):
         self.path = Path(path)
         self.order = file_order(specs)
         self._next = 0
-        self._tmp = _temp_path_for(self.path)
         header = _build_header(self.order, metadata)
+        self._staged = Staged([self.path])
+        (self._tmp,) = self._staged.temps
         try:
             self._f = open(self._tmp, "wb")
             self._f.write(header)
         except OSError as exc:
-            self._cleanup()
-            raise _output_error(exc, self.path) from None
+            self._staged.abort()
+            raise output_error(exc, self.path) from None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         spec = self.order[self._next]
@@ -246,7 +298,7 @@ class StreamingWriter:
         try:
             self._f.write(tensor_bytes(tensor))
         except OSError as exc:
-            raise _output_error(exc, self.path) from None
+            raise output_error(exc, self.path) from None
         self._next += 1
 
     def close(self) -> None:
@@ -258,23 +310,17 @@ class StreamingWriter:
             self._f.flush()
             os.fsync(self._f.fileno())
             self._f.close()
-            os.replace(self._tmp, self.path)
         except OSError as exc:
             self.abort()
-            raise _output_error(exc, self.path) from None
+            raise output_error(exc, self.path) from None
+        self._staged.commit()
 
     def abort(self) -> None:
         try:
             self._f.close()
         except Exception:
             pass
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        try:
-            os.unlink(self._tmp)
-        except OSError:
-            pass
+        self._staged.abort()
 
     def __enter__(self) -> "StreamingWriter":
         return self
@@ -297,20 +343,3 @@ def save_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], meta
 def iter_tensors(file: SafetensorsFile) -> Iterator[tuple[str, torch.Tensor]]:
     for name in file.keys():
         yield name, file.get(name)
-
-
-def _temp_path_for(path: Path) -> Path:
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise OutputPathError(f"output directory {str(parent)!r} does not exist", path)
-    if not os.access(parent, os.W_OK):
-        raise OutputPathError(f"output directory {str(parent)!r} is not writable", path)
-    return parent / f".{path.name}.{os.getpid()}.tmp"
-
-
-def _output_error(exc: OSError, path: Path) -> OutputPathError:
-    if exc.errno == errno.ENOSPC:
-        return OutputPathError("no space left on device while writing", path)
-    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return OutputPathError("output location is not writable", path)
-    return OutputPathError(f"cannot write: {exc.strerror or exc}", path)

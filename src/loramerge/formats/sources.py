@@ -106,12 +106,25 @@ def _open_folder(path: Path) -> TensorSource:
             source = SafetensorsSource(path / name)
             config = path / "adapter_config.json"
             if config.is_file():
-                try:
-                    source.extra_config = json.loads(config.read_text())
-                except json.JSONDecodeError:
-                    raise FileFormatError("adapter_config.json is not valid JSON", config) from None
+                source.extra_config = _adapter_config(config)
             return source
     raise FileFormatError(f"folder holds none of {', '.join(FOLDER_WEIGHTS)}", path)
+
+
+def _adapter_config(path: Path) -> dict:
+    """A PEFT folder's adapter_config.json: UTF-8 JSON, an object whose LoraConfig fields have
+    their types (or the folder is refused: its alphas would be guessed)."""
+    from .validate import check_peft_config
+
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise FileFormatError("adapter_config.json is not UTF-8 text", path) from None
+    except (ValueError, RecursionError):
+        raise FileFormatError("adapter_config.json is not valid JSON", path) from None
+    except OSError as exc:
+        raise FileFormatError(f"cannot read adapter_config.json: {exc.strerror or exc}", path) from None
+    return check_peft_config(data, "adapter_config.json", path)
 
 
 def _open_pickle(path: Path) -> TensorSource:

@@ -34,7 +34,6 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from .. import linalg

@@ -7,12 +7,12 @@ or ``lora_te_text_model_<text encoder module path>``; each has ``lora_down.weigh
 
 from __future__ import annotations
 
-import os
 import re
 from pathlib import Path
 
 import torch
 
+from ..outputs import Staged
 from . import data as D
 from .training import EMA, cosine_lr, diffusion_loss, encode, seed_everything, token_ids
 
@@ -148,8 +148,7 @@ def save_kohya(pipe, style: str, path: str | Path, steps: int) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")  # atomic: a killed run leaves the old file whole
-    save_file(kohya_state_dict(pipe, style), str(tmp), metadata=kohya_metadata(style, steps))
-    os.replace(tmp, path)
+    with Staged([path]) as (tmp,):  # atomic: a killed run leaves the old file whole
+        save_file(kohya_state_dict(pipe, style), str(tmp), metadata=kohya_metadata(style, steps))
     return path
 

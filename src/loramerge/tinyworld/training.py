@@ -254,14 +254,13 @@ def update_report(path, section: str, values: dict, merge: bool = False) -> dict
     """Read-modify-write one section of report.json, so each script owns its own numbers; with
     ``merge`` the section's other entries (e.g. styles not retrained in this run) are kept."""
     import json
-    import os
     from pathlib import Path
+
+    from ..outputs import write_text
 
     path = Path(path)
     report = json.loads(path.read_text()) if path.exists() else {}
     report[section] = {**report.get(section, {}), **values} if merge else values
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report

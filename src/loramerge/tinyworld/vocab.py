@@ -11,6 +11,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
+from ..outputs import write_text
 from .data import NUMBER_WORDS, TRIGGERS
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -76,9 +77,9 @@ def write_tokenizer_files(directory: str | Path) -> Path:
     merges = learn_merges(WORDS)
     tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [BOS, EOS]
     vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    (directory / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0), encoding="utf-8")
+    write_text(directory / "vocab.json", json.dumps(vocab, ensure_ascii=False, indent=0))
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (directory / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(directory / "merges.txt", "\n".join(lines) + "\n")
     return directory
 
 
