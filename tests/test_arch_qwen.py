@@ -381,12 +381,14 @@ def test_qwen_attention_only_in_flux_sized_blocks_is_ambiguous(tmp_path):
     """Qwen-Image and Flux share diffusers' attention names at width 3072: a LoRA of attention
     projections in blocks 0-17 only fits both (and HunyuanVideo); the header (or blocks past
     Flux's 19) decides. Blocks 0-18 reach Flux's last double block, which a Flux LoRA of its
-    double blocks does and a Qwen-Image LoRA of 60 blocks would not: read as Flux."""
+    double blocks does and a Qwen-Image LoRA of 60 blocks would not: Flux.1 or Chroma."""
     attn = re.compile(r"transformer_blocks\.(\d+)\.attn\.(to_[qkv]|to_out\.0|add_[qkv]_proj|to_add_out)$")
     path = tmp_path / "a.safetensors"
     nineteen = {n: s for n, s in meta("qwen-image").items() if (m := attn.match(n)) and int(m[1]) < 19}
     tq.make_file(path, "qwen_image", "diffusers", nineteen, seed=1, ranks=(1,))
-    assert loramerge.load(path).arch == "flux"
+    with pytest.raises(AmbiguousArchitectureError) as info:
+        loramerge.load(path)
+    assert set(info.value.candidates) == {"chroma", "flux"}  # Chroma has Flux.1's double blocks
     modules = {n: s for n, s in meta("qwen-image").items() if (m := attn.match(n)) and int(m[1]) < 18}
     tq.make_file(path, "qwen_image", "diffusers", modules, seed=1, ranks=(1,))
     with pytest.raises(AmbiguousArchitectureError) as info:

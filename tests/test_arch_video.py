@@ -434,20 +434,28 @@ def test_flux_and_hunyuan_share_names_detection(tmp_path):
     tv.write(tmp_path / "q.safetensors", tv.file_modules(qkv, HUNYUAN, 1, 1.0, 25), "lora_unet_", style="kohya", flat=True)
     with pytest.raises(AmbiguousArchitectureError) as err:
         loramerge.load(tmp_path / "q.safetensors")
-    assert set(err.value.candidates) == {"flux", "hunyuanvideo"} and "hunyuan-video" in str(err.value)
+    # Chroma and Flux.2 klein 4B spell and size these modules as Flux.1 does
+    assert set(err.value.candidates) == {"chroma", "flux", "flux2", "hunyuanvideo"} and "hunyuan-video" in str(err.value)
     tv.write(tmp_path / "q.safetensors", tv.file_modules(qkv, HUNYUAN, 1, 1.0, 25), "lora_unet_", style="kohya", flat=True,
              metadata={"modelspec.architecture": "hunyuan-video/lora"})
     assert loramerge.load(tmp_path / "q.safetensors").arch == "hunyuanvideo"
 
     flux = tv.table("flux", pattern=r"^(single_)?transformer_blocks\.\d+\.attn\.to_q$")
     tv.write(tmp_path / "f.safetensors", tv.file_modules(flux, DIFFUSERS, 1, None, 26), "transformer.")
-    assert loramerge.load(tmp_path / "f.safetensors").arch == "flux"  # reaches double 18 / single 37
+    with pytest.raises(AmbiguousArchitectureError) as err:  # reaches double 18 / single 37: not HunyuanVideo
+        loramerge.load(tmp_path / "f.safetensors")
+    assert set(err.value.candidates) == {"chroma", "flux"}  # Chroma has Flux.1's blocks
+    tv.write(tmp_path / "f.safetensors", tv.file_modules(flux, DIFFUSERS, 1, None, 26), "transformer.",
+             metadata={"ss_base_model_version": "flux1"})
+    assert loramerge.load(tmp_path / "f.safetensors").arch == "flux"
     hv = tv.table("hunyuanvideo", pattern=r"^(single_)?transformer_blocks\.\d+\.attn\.to_q$")
     tv.write(tmp_path / "h.safetensors", tv.file_modules(hv, DIFFUSERS, 1, None, 26), "transformer.")
     assert loramerge.load(tmp_path / "h.safetensors").arch == "hunyuanvideo"
     fused = tv.table("flux", pattern=r"^(single_)?transformer_blocks\.\d+\.(attn\.to_[qkv]|proj_mlp)$")
     tv.write(tmp_path / "b.safetensors", tv.file_modules(fused, BFL, 1, 1.0, 27), "lora_unet_", style="kohya", flat=True)
-    assert loramerge.load(tmp_path / "b.safetensors").arch == "flux"
+    with pytest.raises(AmbiguousArchitectureError) as err:
+        loramerge.load(tmp_path / "b.safetensors")
+    assert set(err.value.candidates) == {"chroma", "flux"}
 
 
 # ============================================================================================

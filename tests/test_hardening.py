@@ -86,11 +86,11 @@ def test_inconsistent_shapes_are_refused(capsys, tmp_path, tensors, needles):
 
 
 def test_a_lokr_that_expands_past_the_real_module_is_refused_before_allocating(tmp_path):
-    # 64 KB on disk; its two full Kronecker operands describe a 32768×16384 weight (2 GiB as
-    # float32, ~4 GiB to build) where SD1's to_q is 320×320
+    # 192 KB on disk; its two full Kronecker operands describe a 65536×32768 weight (8 GiB as
+    # float32) where SD1's to_q is 320×320
     path = tmp_path / "bomb.safetensors"
-    save_file({f"{Q}.lokr_w1": torch.ones(256, 128, dtype=torch.float16) * 0.01,
-               f"{Q}.lokr_w2": torch.ones(128, 128, dtype=torch.float16) * 0.01}, str(path),
+    save_file({f"{Q}.lokr_w1": torch.ones(256, 256, dtype=torch.float16) * 0.01,
+               f"{Q}.lokr_w2": torch.ones(256, 128, dtype=torch.float16) * 0.01}, str(path),
               metadata={"ss_base_model_version": "sd_v1"})
     assert path.stat().st_size < 200_000
     start = time.perf_counter()

@@ -8,7 +8,7 @@ From the header alone (no tensor data read, nothing allocated):
 - shapes: no empty tensor, no 1-D factor, ranks that agree (up/down/mid; LoHa's and LoKr's
   operands with each other), ``diff_b`` and ``lora_B.bias`` as long as the module's output;
 - budgets: the weight a module changes is at most :data:`MAX_MODULE_ELEMENTS` elements (the
-  largest real module, T5-XXL's 10240×4096, has 42 M) — a 65 KB LoKr whose two full Kronecker
+  largest real module, Flux.2-dev's fused single-block linear1 of 55296×6144, has 340 M) — a 65 KB LoKr whose two full Kronecker
   operands expand to a 16384×16384 weight is refused before it allocates gigabytes;
 - after detection, a module whose name exists in the architecture's key tables may not be
   larger than that module is in any variant (:func:`check_real_shape`).
@@ -31,7 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .read import RawModule
     from .sources import TensorSource
 
-MAX_MODULE_ELEMENTS = 1 << 28  # 268 M: 6× the largest real module, 1 GiB as float32
+MAX_MODULE_ELEMENTS = 1 << 30  # 1.07 G, 4 GiB as float32: 3× the largest real module (Flux.2-dev's linear1, 55296×6144)
 
 F8 = {torch.float8_e4m3fn, torch.float8_e5m2}
 _LORA = {"up", "down", "mid", "bias"}
@@ -119,8 +119,8 @@ def check_module(raw: "RawModule", source: "TensorSource") -> None:
 
 def _check_lora(c: _Checker) -> None:
     c.require("up", "down")
-    up = c.ndim("up", 2, 3, 4)
-    down = c.ndim("down", 2, 3, 4)
+    up = c.ndim("up", 2, 3, 4, 5)
+    down = c.ndim("down", 2, 3, 4, 5)
     if any(s != 1 for s in up[2:]):
         c.fail(f"tensor {c.key('up')!r} has shape {list(up)}; an up factor's kernel is 1×1")
     if "mid" in c.shapes:
@@ -149,7 +149,7 @@ def _check_loha(c: _Checker) -> None:
             c.equal((f"hada_t{i}", 0), (f"hada_w{i}_a", 0), f"ranks of hada_t{i} and hada_w{i}_a")
             c.equal((f"hada_t{i}", 1), (f"hada_w{i}_b", 0), f"ranks of hada_t{i} and hada_w{i}_b")
         else:
-            c.ndim(f"hada_w{i}_b", 2, 3, 4)
+            c.ndim(f"hada_w{i}_b", 2, 3, 4, 5)
             c.equal((f"hada_w{i}_a", 1), (f"hada_w{i}_b", 0), f"ranks of hada_w{i}_a and hada_w{i}_b")
     if tucker:
         c.equal(("hada_w1_a", 1), ("hada_w2_a", 1), "output sizes of hada_w1_a and hada_w2_a")
@@ -170,7 +170,7 @@ def _check_lokr(c: _Checker) -> None:
         if full in c.shapes and len(given) > 1:
             c.fail(f"gives Kronecker operand {i} twice ({', '.join(given)})", NotALoraError)
         if full in c.shapes:
-            c.ndim(full, 2) if i == 1 else c.ndim(full, 2, 3, 4)
+            c.ndim(full, 2) if i == 1 else c.ndim(full, 2, 3, 4, 5)
             continue
         if not given:
             c.fail(f"has no Kronecker operand {i} (lokr_w{i} or lokr_w{i}_a and lokr_w{i}_b)", NotALoraError)
@@ -182,7 +182,7 @@ def _check_lokr(c: _Checker) -> None:
             c.equal(("lokr_t2", 0), (a, 0), "ranks of lokr_t2 and lokr_w2_a")
             c.equal(("lokr_t2", 1), (b, 0), "ranks of lokr_t2 and lokr_w2_b")
         else:
-            c.ndim(b, 2) if i == 1 else c.ndim(b, 2, 3, 4)
+            c.ndim(b, 2) if i == 1 else c.ndim(b, 2, 3, 4, 5)
             c.equal((a, 1), (b, 0), f"ranks of {a} and {b}")
     if "lokr_t2" in c.shapes and "lokr_w2" in c.shapes:
         c.fail("gives lokr_t2 with a full lokr_w2", NotALoraError)
