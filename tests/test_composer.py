@@ -289,7 +289,8 @@ def flux(tmp_path_factory):
     a = tiny.random_factors(mods, rank=4, alpha=4.0, seed=1)
     b = tiny.random_factors({k: v for k, v in mods.items() if "attn" in k[1]}, rank=2, alpha=1.0, seed=2)
     tiny.write_diffusers(folder / "a.safetensors", a)
-    tiny.write_diffusers(folder / "b.safetensors", b)
+    # attention only: Chroma and HunyuanVideo have these modules too; the header says Flux.1
+    tiny.write_diffusers(folder / "b.safetensors", b, header={"ss_base_model_version": "flux1"})
     return pipe, {"a": folder / "a.safetensors", "b": folder / "b.safetensors"}
 
 

@@ -246,8 +246,9 @@ def write_flux_kohya(path, factors: dict, fused: dict) -> None:
     save_file(sd, str(path), metadata={"ss_base_model_version": KOHYA_VERSION["flux"]})
 
 
-def write_diffusers(path, factors: dict) -> None:
-    """diffusers/PEFT keys, with alphas in ``lora_adapter_metadata`` as diffusers writes them."""
+def write_diffusers(path, factors: dict, header: dict | None = None) -> None:
+    """diffusers/PEFT keys, with alphas in ``lora_adapter_metadata`` as diffusers writes them
+    (``header``: further metadata fields)."""
     sd, meta = {}, {}
     by_component: dict[str, list] = {}
     for (component, name), (up, down, alpha) in factors.items():
@@ -266,7 +267,7 @@ def write_diffusers(path, factors: dict) -> None:
             f"{component}.alpha_pattern": {short(n): a for n, _, a in rows if a != rows[0][2]},
             f"{component}.target_modules": sorted(short(n) for n, _, _ in rows),
         })
-    save_file(sd, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta)})
+    save_file(sd, str(path), metadata={"format": "pt", "lora_adapter_metadata": json.dumps(meta), **(header or {})})
 
 
 @contextlib.contextmanager
