@@ -75,3 +75,15 @@ def test_core_code_never_names_an_architecture():
 def test_tiny_world_apps_live_with_the_tiny_world():
     assert not (ROOT / "composition.py").exists() and not (ROOT / "demo.py").exists()
     assert (ROOT / "tinyworld" / "composition.py").exists() and (ROOT / "tinyworld" / "demo.py").exists()
+
+
+def test_readme_architecture_table_is_the_entries():
+    """The README's table is what scripts/arch_table.py prints from the entries (regenerate it
+    when an entry changes)."""
+    import importlib.util
+
+    script = ROOT.parents[1] / "scripts" / "arch_table.py"
+    spec = importlib.util.spec_from_file_location("arch_table", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.table() in (ROOT.parents[1] / "README.md").read_text()
