@@ -20,11 +20,17 @@ def _modules() -> dict[str, pathlib.Path]:
 
 
 def _imports(name: str, path: pathlib.Path, modules: dict) -> set[str]:
-    """Every loramerge module ``name`` imports, at module level or inside functions; ``from . import x``
+    """Every loramerge module ``name`` imports at run time, at module level or inside functions; ``from . import x``
     of a submodule depends on the submodule, of a name on the package that defines it."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     deps = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for node in ast.walk(tree)  # `if TYPE_CHECKING:` imports never run
+                   if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+                   for n in ast.walk(node)}
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")[: len(package.split(".")) - (node.level - 1)]

@@ -91,10 +91,10 @@ def _place(model: str, entries, path) -> tuple[str, list[str]]:
     return fits[0]
 
 
-def to_canonical(path: Path, tensors: dict[str, torch.Tensor] | list, metadata: dict[str, str], model: str | None = None):
-    """A source with the file's entries renamed to canonical PEFT keys (``unet.<name>.lora_A.weight``)."""
-    from .sources import DictSource
-
+def to_canonical(path: Path, tensors: dict[str, torch.Tensor] | list, metadata: dict[str, str],
+                 model: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The file's entries renamed to canonical PEFT keys (``unet.<name>.lora_A.weight``), and its
+    header with the architecture they fit."""
     if isinstance(tensors, list):  # .pt: one model's [up, down, …]; the text encoder's file says so in its name
         if len(tensors) % 2:
             raise NotALoraError("cloneofsimo lora format: an odd number of tensors (ups and downs come in pairs)", path)
@@ -134,6 +134,4 @@ def to_canonical(path: Path, tensors: dict[str, torch.Tensor] | list, metadata: 
                             "other way round)", path)
     meta = {k: v for k, v in metadata.items() if not re.match(r"^(unet|text_encoder)(:\d+:rank)?$", k)}
     meta.setdefault("ss_base_model_version", _ARCH_VERSION[arch_of.pop()])
-    source = DictSource(path, out, meta)
-    source.format = FORMAT
-    return source
+    return out, meta

@@ -96,7 +96,7 @@ def open_source(path: str | os.PathLike) -> TensorSource:
         return _open_pickle(path)
     source = SafetensorsSource(path)
     if cloneofsimo.is_cloneofsimo(source.keys()):  # unnamed entries: renamed by their known order
-        return cloneofsimo.to_canonical(path, {k: source.get(k) for k in source.keys()}, source.metadata)
+        return _cloneofsimo_source(path, {k: source.get(k) for k in source.keys()}, source.metadata)
     return source
 
 
@@ -140,7 +140,14 @@ def _open_pickle(path: Path) -> TensorSource:
     if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
         data = data["state_dict"]
     if isinstance(data, list) and data and all(isinstance(v, torch.Tensor) for v in data):
-        return cloneofsimo.to_canonical(path, data, {})  # cloneofsimo's [up, down, …]
+        return _cloneofsimo_source(path, data, {})  # cloneofsimo's [up, down, …]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise FileFormatError("pickle does not hold a flat dict of tensors", path)
     return DictSource(path, data)
+
+
+def _cloneofsimo_source(path: Path, tensors, metadata: dict[str, str]) -> DictSource:
+    renamed, header = cloneofsimo.to_canonical(path, tensors, metadata)
+    source = DictSource(path, renamed, header)
+    source.format = cloneofsimo.FORMAT
+    return source
