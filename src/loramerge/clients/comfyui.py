@@ -3,7 +3,8 @@
 
 ComfyUI never parses a key: it lists candidate module keys for the loaded model's own
 parameters and looks each up in the file. Every denoiser parameter gets ``lora_unet_`` + its
-flattened native name and ``diffusion_model.`` + its native name; the architecture's facts add
+flattened native name and ``diffusion_model.`` + its native name (the single-file checkpoint's
+names, or the facts' ``native`` where ComfyUI's model differs); the architecture's facts add
 the rest (diffusers spellings, text encoders). A candidate's keys are taken in the LoRA spellings
 below (first match wins), plus ``.alpha`` and ``.diff_b``; scale = alpha / rows of the down factor
 when ``.alpha`` exists, else 1 — header metadata is never read. Keys no candidate takes are logged
@@ -33,7 +34,7 @@ class ComfyUI(Client):
 
     def namings(self, arch: Architecture, facts: ClientFacts) -> list[tuple[str, Naming]]:
         out = []
-        denoiser = native_scheme(arch, arch.denoiser)
+        denoiser = facts.native or native_scheme(arch, arch.denoiser)
         if denoiser is not None:  # every denoiser parameter, for every model
             out += [(arch.denoiser, Naming("lora_unet_", denoiser, flat=True)),
                     (arch.denoiser, Naming("diffusion_model.", denoiser))]
@@ -45,14 +46,14 @@ class ComfyUI(Client):
         namings = self.namings(file.arch, facts)
         reading = Reading()
         for m in file.modules:
-            reading.applications.append(self.apply(file.arch, namings, m))
+            reading.applications.append(self.apply(file.arch, namings, m, facts.native))
         unused = len(file.keys) - len({k for a in reading.applications for k in a.used})
         if self.leftover_limit is not None and unused > self.leftover_limit:
             return Reading("ignored", f"{unused} keys match no module (more than {self.leftover_limit}): "
                                       f"'LoRA version mismatch', the whole file is skipped")
         return reading
 
-    def apply(self, arch: Architecture, namings, m: FileModule) -> Application:
+    def apply(self, arch: Architecture, namings, m: FileModule, native=None) -> Application:
         found = pick(lookup(arch, namings, m.prefix, m.exact), m)
         if found is None:
             return Application(m, why=f"no {self.label} key for {m.prefix!r}")
@@ -72,7 +73,7 @@ class ComfyUI(Client):
         if "diff_b" in m.keys:
             used.append(m.keys["diff_b"])
             # on a row slice of a fused weight the bias target name is malformed: "NOT LOADED"
-            bias = not sliced(arch, component, target)
+            bias = not sliced(arch, component, target, native if component == arch.denoiser else None)
         return Application(m, component, target, scale, bias, tuple(used))
 
 
@@ -87,9 +88,9 @@ def lycoris_scale(m: FileModule) -> float:
     return 1.0
 
 
-def sliced(arch: Architecture, component: str, target) -> bool:
+def sliced(arch: Architecture, component: str, target, native=None) -> bool:
     """Whether the client patches a row slice of one of its own (fused) weights."""
-    native = native_scheme(arch, component)
+    native = native or native_scheme(arch, component)
     if native is None or target.fused:
         return False
     encoded = native.encode(target.members[0])

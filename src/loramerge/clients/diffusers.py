@@ -9,6 +9,13 @@ notes §4. The architecture's facts name the loader (the pipeline's LoRA mixin):
 - ``flux``: any ``.lora_down.weight`` → the kohya converter (alpha folded into the factors, Flux.1's
   19/38 blocks and fixed ``linear1`` sizes, global modules and T5 dropped); else diffusers/PEFT with
   ``.alpha`` keys as network alphas.
+- ``chroma``: ChromaPipeline runs Flux.1's loader; modelled for the transformer only (what it does
+  with T5 text-encoder modules is not).
+- ``dit``: the newer DiT pipelines (Qwen-Image, Z-Image, Lumina 2, HiDream, Wan, HunyuanVideo,
+  LTX, Flux.2; notes §4.5), transformer only: a file all in ``transformer.`` PEFT keys without
+  ``.alpha`` is loaded by PEFT; a file all in the spellings the facts list (each converter's
+  verified cases: lora/lora_A factors and alphas only, no metadata) is converted with the
+  alpha folded, onto the same modules; anything else is not modelled (unknown).
 
 Every route ends in PEFT: keys under each loadable component's prefix, old spellings renamed,
 a LoraConfig from ``lora_adapter_metadata`` verbatim or else from the tensors (most common rank
@@ -30,12 +37,20 @@ from ..formats import keymaps
 from ..formats.archs import Architecture, ClientFacts
 from ..formats.placement import NameIndex
 from ..formats.schemes import Target
-from . import Application, Client, FileModule, FileView, Reading
+from . import Application, Client, FileModule, FileView, Reading, lookup, pick
 
 LOADABLE = {"sd": ("unet", "text_encoder"), "sdxl": ("unet", "text_encoder", "text_encoder_2"),
-            "sd3": ("transformer", "text_encoder", "text_encoder_2"), "flux": ("transformer", "text_encoder")}
+            "sd3": ("transformer", "text_encoder", "text_encoder_2"), "flux": ("transformer", "text_encoder"),
+            "chroma": ("transformer",), "dit": ("transformer",)}
+# loaders modelled for these components only: a file with modules elsewhere (Chroma's T5, Wan 2.2's
+# transformer_2, LTX-2's connectors) is reported as unknown, not as lost
+MODELLED = {"chroma": ("transformer",), "dit": ("transformer",)}
 KOHYA_PREFIXES = ("lora_te_", "lora_unet_", "lora_te1_", "lora_te2_")
 TEXT_RANKED = (".q_proj", ".k_proj", ".v_proj", ".out_proj", ".fc1", ".fc2")
+
+
+_SPELLING = {".lora_down.weight": "kohya", ".lora_A.weight": "peft"}  # down factor's suffix → Naming.style
+_PEFT_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_B.bias")
 
 
 class Rejected(Exception):
@@ -505,10 +520,20 @@ class Diffusers(Client):
                 apps = self.sd(file, facts, keys, meta)
             elif facts.loader == "sd3":
                 apps = self.peft_only(file, facts, keys, meta)
-            elif facts.loader == "flux":
+            elif facts.loader not in LOADABLE:
+                return Reading("unknown", f"diffusers loader {facts.loader!r} is not modelled")
+            elif facts.loader in MODELLED and (other := sorted(
+                    {m.component for m in file.modules} - set(MODELLED[facts.loader]))):
+                return Reading("unknown", f"what diffusers does with {' and '.join(other)} LoRA modules of "
+                                          f"{file.arch.label} is not modelled")
+            elif facts.loader in ("flux", "chroma"):
                 apps = self.flux(file, facts, keys, meta, reading)
             else:
-                return Reading("unknown", f"diffusers loader {facts.loader!r} is not modelled")
+                apps = self.dit(file, facts, keys, meta)
+                if apps is None:
+                    return Reading("unknown", f"diffusers' conversion of this {file.arch.label} file is not modelled "
+                                              "(only transformer. PEFT files and the converted spellings verified "
+                                              "against diffusers are)")
         except Rejected as exc:
             return Reading("rejected", str(exc))
         reading.applications = self.complete(file, apps)
@@ -553,6 +578,33 @@ class Diffusers(Client):
             alpha = app.module.keys.get("alpha")
             if app.target is not None and alpha in taken:
                 app.used = app.used + (alpha,)
+        return apps
+
+    def dit(self, file: FileView, facts: ClientFacts, keys: list[Key], meta) -> list[Application] | None:
+        """The 'dit' loader; None where what diffusers does is not modelled."""
+        # diffusers names under transformer. in PEFT spelling trigger no converter: PEFT as is
+        if (all(k.name.startswith("transformer.") and k.name.endswith(_PEFT_SUFFIXES) for k in keys)
+                and all(m.label == "diffusers" for m in file.modules)):
+            return self.peft_only(file, facts, keys, meta)
+        converted = [(c, n) for c, names in facts.names.items() for n in names]
+        if meta is not None or not converted:
+            return None
+        apps, spellings = [], set()
+        for m in file.modules:
+            spelled = _SPELLING.get(m.suffix("down")) if "down" in m.keys else None
+            if m.kind != "lora" or set(m.keys) - {"down", "up", "alpha"} or spelled is None:
+                return None
+            if spelled == "peft" and m.alpha is not None:  # lora_A/lora_B with .alpha: not verified everywhere
+                return None
+            mine = [(c, n) for c, n in converted if n.style == spelled and m.prefix.startswith(n.prefix)]
+            if pick(lookup(file.arch, mine, m.prefix, m.exact), m) != (m.component, m.target):
+                return None
+            spellings.add(mine[0][1].prefix)
+            if len(spellings) > 1:  # one converted spelling per file is what was verified
+                return None
+            # the converter folds alpha / rank into the factors (alpha = rank when there is none)
+            scale = m.alpha / m.rank if m.alpha is not None else 1.0
+            apps.append(Application(m, m.component, m.target, scale, False, tuple(m.keys.values())))
         return apps
 
     def flux(self, file: FileView, facts: ClientFacts, keys: list[Key], meta, reading: Reading) -> list[Application]:

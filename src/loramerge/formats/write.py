@@ -170,7 +170,10 @@ def client_warning(lora: LoRA, arch: Architecture, format: str, dtype: torch.dty
     others = {}
     for other in arch.formats:
         if other != format:
-            others[other] = report(other, *encode(lora, arch, other, dtype))
+            try:
+                others[other] = report(other, *encode(lora, arch, other, dtype))
+            except LoraMergeError:  # a format that cannot hold these modules (Wan's transformer_2 in kohya)
+                continue
     parts = []
     for v in verdicts:
         fixes = [f for f, r in others.items() if r.verdict(v.client).exact]

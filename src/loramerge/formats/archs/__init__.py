@@ -109,11 +109,15 @@ class ClientFacts:
     """What one client's LoRA loader does with one architecture.
 
     ``loader``: which of the client's loaders runs (the client module names them: diffusers
-    'sd', 'sdxl', 'sd3', 'flux'; ComfyUI/Forge/A1111 have one), or None when the client has no
-    loader for this architecture (nothing in the file is applied).
+    'sd', 'sdxl', 'sd3', 'flux', 'chroma', 'dit'; ComfyUI/Forge/A1111 have one), or None when
+    the client has no loader for this architecture (nothing in the file is applied).
     ``names``: per component, the key spellings the client maps onto its modules beyond those
     it maps for every model (ComfyUI and Forge map ``lora_unet_`` + the flattened native name
-    and ``diffusion_model.`` + the native name of every denoiser parameter themselves).
+    and ``diffusion_model.`` + the native name of every denoiser parameter themselves). For
+    diffusers' 'dit' loader: the non-diffusers spellings its converter is known to take to the
+    same modules at the file's scale (verified against diffusers in the architecture tests).
+    ``native``: the scheme of the client's own denoiser parameter names, where it differs from
+    the single-file checkpoints' (ComfyUI's HunyuanVideo model is built from Flux's layers).
     ``model``: per component, how the client names its own modules (A1111 patches its
     LDM/sgm modules under their flattened paths).
     ``together``: per component, modules the client applies only as a complete group (A1111's
@@ -125,6 +129,7 @@ class ClientFacts:
     names: dict[str, tuple[Naming, ...]] = field(default_factory=dict)
     model: dict[str, Naming] = field(default_factory=dict)
     together: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    native: Scheme | None = None
 
 
 @dataclass(frozen=True, eq=False)  # compared and hashed by identity: one object per architecture

@@ -72,3 +72,9 @@ def sd_clients(unet: Scheme, clip: str, a1111_text: Naming, together: dict | Non
         "a1111": ClientFacts("a1111", model={"unet": a1111_model(unet, "diffusion_model_"), "text_encoder": a1111_text},
                              together=together or {}),
     }
+
+
+# A1111 1.10 runs SD1, SD2, SDXL (SD3 partly): no loader for the newer models. Forge (June 2025)
+# runs SD1/SD2/SDXL, Flux.1, SD3.5 and Chroma (notes §2): no loader for the others.
+A1111_NONE = ClientFacts(None)
+FORGE_NONE = ClientFacts(None)

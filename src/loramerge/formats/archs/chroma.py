@@ -9,7 +9,8 @@ reported as ambiguous.
 from ..blockgrammar import TransformerBlocks
 from ..schemes.bfl import CHROMA
 from ..schemes.diffusers import DIFFUSERS, HF_TEXT
-from . import Architecture, Identity, Note
+from . import Architecture, ClientFacts, Identity, Note
+from ._clients import A1111_NONE, dit_names, t5_names
 from ._common import T5_XXL, kohya, peft, text_encoder
 from .flux import bfl_denoiser
 
@@ -52,4 +53,16 @@ ARCH = Architecture(
         Note("comfyui", r".", "diffusers 0.42 loads nothing from diffusion_model.-prefixed Chroma LoRAs; "
              "ComfyUI does. --format diffusers loads in both"),
     ),
+    clients={
+        # ChromaPipeline runs Flux.1's loader (notes §4.4); modelled for the transformer only
+        "diffusers": ClientFacts("chroma"),
+        # ComfyUI's Chroma is a Flux subclass: the Flux branch's diffusers names; T5 alone is lora_te1_
+        "comfyui": ClientFacts("comfyui", names={
+            "transformer": dit_names("transformer."),
+            "text_encoder": t5_names(("lora_te1_",), "text_encoders.t5xxl.transformer.")}),
+        # Forge has a Chroma engine (T5 only), but maps diffusers names only for repos named 'flux'
+        # (Chroma's is 'Chroma', notes §2.2): BFL names only; T5 as lora_te1_/te2_/te3_
+        "forge": ClientFacts("forge", names={"text_encoder": t5_names(("lora_te1_", "lora_te2_", "lora_te3_"))}),
+        "a1111": A1111_NONE,
+    },
 )

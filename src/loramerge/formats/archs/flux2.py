@@ -8,7 +8,8 @@ loads none, so the transformer is the only component.
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
 from ..schemes.flux2 import FLUX2
-from . import Architecture, Identity, Naming, Note
+from . import Architecture, ClientFacts, Identity, Naming, Note
+from ._clients import A1111_NONE, FORGE_NONE
 from ._common import dit_denoiser, kohya, peft
 
 
@@ -63,4 +64,15 @@ ARCH = Architecture(
              "diffusers 0.42's kohya Flux.2 converter drops final_layer_adaLN_modulation_1, guidance_in and "
              "the *_stream_modulation modules ('Unsupported keys'); ComfyUI loads them"),
     ),
+    clients={
+        # transformer. PEFT files only: the ai-toolkit converter leaves final_layer.adaLN_modulation.1
+        # unswapped and the kohya one drops modules (see notes above) — not modelled
+        "diffusers": ClientFacts("dit"),
+        # BFL names (generic). Newer ComfyUI runs Flux2 as a Flux subclass, but whether its
+        # flux_to_diffusers names fit Flux.2 is not determined (notes §8): diffusers-named keys are
+        # reported as not loaded
+        "comfyui": ClientFacts("comfyui"),
+        "forge": FORGE_NONE,
+        "a1111": A1111_NONE,
+    },
 )

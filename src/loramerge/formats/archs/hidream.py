@@ -8,7 +8,8 @@ LoRA format for its four text encoders exists, so the transformer is the only co
 
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
-from . import Architecture, Identity
+from . import Architecture, ClientFacts, Identity, Naming
+from ._clients import A1111_NONE, FORGE_NONE
 from ._common import dit_denoiser, peft
 
 LLAMA_LAYERS = list(range(32)) + [31] * 16
@@ -36,4 +37,14 @@ ARCH = Architecture(
                       ss_aliases=("hidream",), modelspec_aliases=("hidream",), base_models=("hidream",)),
     blocks=TransformerBlocks({"double": "double_stream_blocks", "single": "single_stream_blocks"}),
     pipelines=("HiDreamImagePipeline",),
+    clients={
+        # files whose keys all start with diffusion_model. are re-prefixed to transformer.
+        # (tests/test_arch_flux.py, ai-toolkit's files, scale folded); lora_unet_/lycoris_ load nothing
+        "diffusers": ClientFacts("dit", names={"transformer": (peft("diffusion_model.", DIFFUSERS, "comfyui"),)}),
+        # native names are diffusers': its HiDream branch adds transformer. and lycoris_ (flattened)
+        "comfyui": ClientFacts("comfyui", names={"transformer": (
+            peft("transformer.", DIFFUSERS), Naming("lycoris_", DIFFUSERS, flat=True))}),
+        "forge": FORGE_NONE,
+        "a1111": A1111_NONE,
+    },
 )

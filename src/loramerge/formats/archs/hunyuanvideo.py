@@ -21,8 +21,9 @@ Formats written:
 """
 
 from ..blockgrammar import TransformerBlocks
-from ..schemes.hunyuan import HUNYUAN, HUNYUAN_COMFY
-from . import Architecture, Identity
+from ..schemes.hunyuan import HUNYUAN, HUNYUAN_COMFY, HUNYUAN_COMFY_MODEL
+from . import Architecture, ClientFacts, Identity
+from ._clients import A1111_NONE, FORGE_NONE
 from ._common import dit_denoiser, dit_formats, peft
 
 
@@ -58,4 +59,15 @@ ARCH = Architecture(
     blocks=TransformerBlocks({"double": "transformer_blocks", "single": "single_transformer_blocks",
                               "refiner": "context_embedder.token_refiner.refiner_blocks"}),
     pipelines=("HunyuanVideoPipeline", "HunyuanVideoImageToVideoPipeline", "HunyuanSkyreelsImageToVideoPipeline"),
+    clients={
+        # transformer. PEFT files only: the Tencent-name converter (runs on any img_attn_qkv key)
+        # has the faults listed above, and files without that key are not converted — not modelled
+        "diffusers": ClientFacts("dit"),
+        # ComfyUI's own model has Flux-style names (generic candidates); its HunyuanVideo branch maps
+        # the Tencent names (ComfyUI's embedder spelling) under transformer. and diffusion_model.
+        "comfyui": ClientFacts("comfyui", native=HUNYUAN_COMFY_MODEL, names={"transformer": (
+            peft("transformer.", HUNYUAN_COMFY), peft("diffusion_model.", HUNYUAN_COMFY))}),
+        "forge": FORGE_NONE,
+        "a1111": A1111_NONE,
+    },
 )

@@ -21,8 +21,10 @@ Formats written (both):
 
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
+from ..schemes.clientnames import Only
 from ..schemes.ltx import LTX, LTX2_CONNECTORS
-from . import Architecture, Component, Identity, Naming
+from . import Architecture, ClientFacts, Component, Identity, Naming
+from ._clients import A1111_NONE, FORGE_NONE
 from ._common import comfyui, dit_denoiser, dit_formats, peft
 
 _LTX2_COMMON = {
@@ -102,6 +104,17 @@ LTX2 = Architecture(
     blocks=_GRAMMAR,
     pipelines=("LTX2Pipeline", "LTX2ImageToVideoPipeline", "LTX2ConditionPipeline", "LTX2InContextPipeline",
                "LTX2HDRPipeline"),
+    clients={
+        # transformer. PEFT files only: the diffusion_model. renames and the connectors are not modelled
+        "diffusers": ClientFacts("dit"),
+        # no LTXAV branch (notes §8): generic names. The connector blocks sit in ComfyUI's diffusion
+        # model (diffusion_model.video_embeddings_connector.…); their lora_unet_ spelling has no scheme
+        # here and the top-level text_embedding_projection was not read: both reported not loaded
+        "comfyui": ClientFacts("comfyui", names={"connectors": (
+            Naming("", Only(LTX2_CONNECTORS, r"(video|audio)_connector\..*")),)}),
+        "forge": FORGE_NONE,
+        "a1111": A1111_NONE,
+    },
 )
 
 LTX_VIDEO = Architecture(
@@ -121,6 +134,14 @@ LTX_VIDEO = Architecture(
                       modelspec_aliases=("ltx-video", "ltxv/", "ltxv-0"), base_models=("ltx-video",)),
     blocks=_GRAMMAR,
     pipelines=("LTXPipeline", "LTXImageToVideoPipeline", "LTXConditionPipeline"),
+    clients={
+        # transformer. PEFT files only: the diffusion_model. prefix swap leaves patchify_proj and
+        # adaln_single unloaded — not modelled
+        "diffusers": ClientFacts("dit"),
+        "comfyui": ClientFacts("comfyui"),  # generic Lightricks names only (notes §1.2)
+        "forge": FORGE_NONE,
+        "a1111": A1111_NONE,
+    },
 )
 
 ARCHS = [LTX2, LTX_VIDEO]

@@ -14,7 +14,8 @@ are refused.
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
 from ..schemes.nextdit import LUMINA2
-from . import Architecture, Identity, Naming, Note, Unsupported
+from . import Architecture, ClientFacts, Identity, Naming, Note, Unsupported
+from ._clients import A1111_NONE, FORGE_NONE
 from ._common import dit_denoiser, kohya, peft
 
 TRANSFORMER = {"_class_name": "Lumina2Transformer2DModel", "axes_dim_rope": [32, 32, 32], "axes_lens": [300, 512, 512],
@@ -60,4 +61,16 @@ ARCH = Architecture(
                 "its block modules and no module lies outside the blocks"),),
     unsupported=(Unsupported("text encoder (Gemma-2)", ("lora_te_", "lora_te1_", "text_encoder.", "text_encoders."),
                              "kohya sd-scripts text-encoder LoRAs, which diffusers and ComfyUI do not load"),),
+    clients={
+        # transformer. PEFT files only: the diffusion_model. converter loads a file only when every
+        # block from 0 up has all its block modules and nothing lies outside the blocks (else it
+        # raises), and lora_unet_ files load nothing — neither is modelled (reported unknown)
+        "diffusers": ClientFacts("dit"),
+        # the generic original names only: ComfyUI's Lumina2 branch (z_image_to_diffusers) spells
+        # Z-Image's diffusers names (attention.to_q), not Lumina 2's (attn.to_q), and how it would
+        # slice Lumina 2's grouped-query qkv was not read — left out (such keys: not loaded)
+        "comfyui": ClientFacts("comfyui"),
+        "forge": FORGE_NONE,
+        "a1111": A1111_NONE,
+    },
 )

@@ -12,7 +12,8 @@ refused with a message naming the encoder.
 
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
-from . import Architecture, Identity, Unsupported
+from . import Architecture, ClientFacts, Identity, Naming, Unsupported
+from ._clients import A1111_NONE, FORGE_NONE
 from ._common import dit_denoiser, kohya, peft
 
 TRANSFORMER = {"_class_name": "QwenImageTransformer2DModel", "attention_head_dim": 128,
@@ -72,4 +73,17 @@ ARCH = Architecture(
     unsupported=(Unsupported("text encoder (Qwen2.5-VL)",
                              ("text_encoder.", "lora_te_", "lora_te1_", "text_encoders."),
                              "OneTrainer's text-encoder LoRAs, which diffusers never loads"),),
+    clients={
+        # its converter takes ai-toolkit's diffusion_model. and musubi's lora_unet_ files to the same
+        # modules, alpha folded (tests/test_arch_qwen.py); DiffSynth's .default. and bare files
+        # (converted only when they carry .alpha) are not modelled
+        "diffusers": ClientFacts("dit", names={"transformer": (
+            peft("diffusion_model.", DIFFUSERS, "comfyui"), kohya("lora_unet_", DIFFUSERS))}),
+        # QwenImage's native names are diffusers': its branch adds them bare, under transformer. and
+        # flattened under lycoris_ (ComfyUI does not read DiffSynth's .default. spelling)
+        "comfyui": ClientFacts("comfyui", names={"transformer": (
+            peft("", DIFFUSERS), peft("transformer.", DIFFUSERS), Naming("lycoris_", DIFFUSERS, flat=True))}),
+        "forge": FORGE_NONE,
+        "a1111": A1111_NONE,
+    },
 )

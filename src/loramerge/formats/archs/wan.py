@@ -28,7 +28,8 @@ Formats written:
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
 from ..schemes.wan import WAN
-from . import Architecture, Component, Identity, Naming
+from . import Architecture, ClientFacts, Component, Identity, Naming
+from ._clients import A1111_NONE, FORGE_NONE
 from ._common import comfyui, dit_denoiser, dit_formats, peft
 
 
@@ -82,4 +83,15 @@ ARCH = Architecture(
                       base_models=("wan2.1", "wan2.2", "wan-ai/wan")),
     blocks=TransformerBlocks({"block": "blocks"}),
     pipelines=("WanPipeline", "WanImageToVideoPipeline", "WanVideoToVideoPipeline"),
+    clients={
+        # transformer. PEFT files only: the diffusion_model. converter (patch_embedding raises, k_img
+        # only with v_img, diff_b → lora_B.bias) and the musubi one (every block needs every
+        # projection) are not modelled; transformer_2 files are reported unknown
+        "diffusers": ClientFacts("dit"),
+        # generic Wan names only (diffusers-named files have no candidate, notes §1.2), plus VideoX-Fun's
+        # lora_unet__, which convert_lora rewrites to lora_unet_ first; the high-noise model only
+        "comfyui": ClientFacts("comfyui", names={"transformer": (Naming("lora_unet__", WAN, flat=True),)}),
+        "forge": FORGE_NONE,
+        "a1111": A1111_NONE,
+    },
 )

@@ -16,7 +16,8 @@ from dataclasses import replace
 from ..blockgrammar import TransformerBlocks
 from ..schemes.diffusers import DIFFUSERS
 from ..schemes.nextdit import ZIMAGE, ZIMAGE_DIFFUSERS
-from . import Architecture, Identity, Naming, Note, Unsupported
+from . import Architecture, ClientFacts, Identity, Naming, Note, Unsupported
+from ._clients import A1111_NONE, FORGE_NONE
 from ._common import dit_denoiser, kohya, peft
 
 TRANSFORMER = {"_class_name": "ZImageTransformer2DModel", "all_f_patch_size": [1], "all_patch_size": [2],
@@ -74,4 +75,20 @@ ARCH = Architecture(
                 "them to no module); ComfyUI loads them"),),
     unsupported=(Unsupported("text encoder (Qwen3)", ("text_encoder.", "lora_te_", "lora_te1_", "text_encoders."),
                              "no trainer writes them and diffusers never loads them"),),
+    clients={
+        # its converter takes diffusion_model. + diffusers names (ai-toolkit) and lora_unet_ +
+        # diffusers names (musubi) to the same modules (tests/test_arch_qwen.py); the original
+        # names (fused qkv) lose x_embedder/final_layer (kohya) or qkv/out (diffusion-pipe): not modelled
+        "diffusers": ClientFacts("dit", names={"transformer": (
+            peft("diffusion_model.", DIFFUSERS, "comfyui"), kohya("lora_unet_", DIFFUSERS))}),
+        # z_image_to_diffusers (its Lumina2 branch, in ComfyUI copies of 2026-01; the a125cd8 the client
+        # restates predates Z-Image): diffusers names under diffusion_model., transformer., bare, and
+        # flattened under lycoris_, mapped to row slices of the fused qkv. musubi's lora_unet_ +
+        # diffusers names have no candidate
+        "comfyui": ClientFacts("comfyui", names={"transformer": (
+            peft("diffusion_model.", DIFFUSERS), peft("transformer.", DIFFUSERS), peft("", DIFFUSERS),
+            Naming("lycoris_", DIFFUSERS, flat=True))}),
+        "forge": FORGE_NONE,
+        "a1111": A1111_NONE,
+    },
 )

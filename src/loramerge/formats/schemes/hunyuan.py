@@ -15,6 +15,8 @@ maps LoRA keys to its weights from those spellings; every other name it maps fro
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from . import Rule, RuleScheme
 
 _D, _T = "double_blocks.{i}.", "transformer_blocks.{i}."
@@ -72,3 +74,23 @@ def _embedders(first: str, second: str, c_first: str, c_second: str) -> list[Rul
 
 HUNYUAN = RuleScheme("hunyuan", _blocks() + _embedders("mlp.0", "mlp.2", "linear_1", "linear_2"))
 HUNYUAN_COMFY = RuleScheme("hunyuan-comfyui", _blocks() + _embedders("in_layer", "out_layer", "in_layer", "out_layer"))
+
+# ComfyUI's HunyuanVideo model is built from Flux's layers (comfy/ldm/hunyuan_video/model.py):
+# ``img_attn.qkv``, ``img_mlp.0``, ``img_mod.lin``, ``modulation.lin``, the refiner's
+# ``self_attn.qkv``/``mlp.0``. Its generic LoRA candidates (``lora_unet_``/``diffusion_model.``
+# + its own names) use these; its HunyuanVideo branch renames them into HUNYUAN_COMFY
+# (``_mod.lin.`` → ``_mod.linear.``, ``_attn.qkv.`` → ``_attn_qkv.``, ``mlp.0.`` → ``mlp.fc1.``…;
+# docs/notes/clients.md §1.2). This is that rename undone.
+_COMFY_MODEL_RENAMES = ((".img_mod.linear.", ".img_mod.lin."), (".txt_mod.linear.", ".txt_mod.lin."),
+                        ("_attn_qkv.", "_attn.qkv."), ("_attn_proj.", "_attn.proj."), ("mlp.fc1.", "mlp.0."),
+                        ("mlp.fc2.", "mlp.2."), (".modulation.linear.", ".modulation.lin."))
+
+
+def _comfy_model(rule: Rule) -> Rule:
+    name = rule.scheme + "."
+    for tencent, comfy in _COMFY_MODEL_RENAMES:
+        name = name.replace(tencent, comfy)
+    return replace(rule, scheme=name[:-1])
+
+
+HUNYUAN_COMFY_MODEL = RuleScheme("hunyuan-comfyui-model", [_comfy_model(r) for r in HUNYUAN_COMFY.rules])
