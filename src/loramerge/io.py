@@ -67,4 +67,6 @@ def save(lora: LoRA, path: str | os.PathLike, format: str | None = None, dtype=N
             if isinstance(entry, dict) and entry.get("path") and os.path.isabs(entry["path"]):
                 entry["path"] = Path(os.path.relpath(entry["path"], Path(path).resolve().parent)).as_posix()
         metadata[RECIPE_KEY] = json.dumps(recipe, sort_keys=True, separators=(",", ":"))
-    return save_lora(lora, path, format=format, dtype=dtype, metadata=metadata)
+    from .clients import write_warning
+
+    return save_lora(lora, path, format=format, dtype=dtype, metadata=metadata, warn=write_warning)

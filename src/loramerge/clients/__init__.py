@@ -366,10 +366,10 @@ def fix_file(path, clients, output, arch: str | None = None, dtype=None) -> tupl
     from ..errors import LoraMergeError
     from ..formats.safetensors_io import save_file
     from ..formats.sources import DictSource
+    from ..formats import read_lora
     from ..formats.write import encode, resolve_dtype
-    from ..io import load
 
-    lora = load(path, arch=arch)
+    lora = read_lora(path, arch=arch)
     spec = archs.spec(lora.arch)
     dtype = resolve_dtype(dtype) or lora.dtype
     names = resolve_clients(clients)
@@ -383,3 +383,35 @@ def fix_file(path, clients, output, arch: str | None = None, dtype=None) -> tupl
         failures.append(f"{fmt}: " + ", ".join(f"{v.label} {v.summary()}" for v in report.verdicts if not v.exact))
     raise LoraMergeError(f"no {spec.label} format loramerge writes loads exactly in "
                          f"{' and '.join(client(n).label for n in names)} ({'; '.join(failures)})", path)
+
+
+def write_warning(lora, arch: Architecture, format: str, dtype, tensors: dict, header: dict,
+                   path) -> str | None:
+    """One line naming each client that would not load these tensors exactly (clients without a
+    loader for the architecture aside), what differs, and a format that loads there."""
+    from pathlib import Path
+
+    from ..errors import LoraMergeError
+    from ..formats.sources import DictSource
+    from ..formats.write import encode
+
+    def report(fmt, t, h):
+        return check(DictSource(Path(path), t, h), arch=arch.name)
+
+    verdicts = [v for v in report(format, tensors, header).verdicts
+                if not v.exact and v.outcome not in ("unsupported", "unknown")]
+    if not verdicts:
+        return None
+    others = {}
+    for other in arch.formats:
+        if other != format:
+            try:
+                others[other] = report(other, *encode(lora, arch, other, dtype))
+            except LoraMergeError:  # a format that cannot hold these modules (Wan's transformer_2 in kohya)
+                continue
+    parts = []
+    for v in verdicts:
+        fixes = [f for f, r in others.items() if r.verdict(v.client).exact]
+        fix = f"--format {fixes[0]} loads exactly there" if fixes else "no format loramerge writes loads it exactly there"
+        parts.append(f"{v.label}: {v.summary()} ({fix})")
+    return f"{Path(path).name} in {format} format: " + "; ".join(parts)

@@ -26,6 +26,7 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -74,10 +75,11 @@ def resolve_format(arch: Architecture, format: str | None) -> str:
 
 
 def save_lora(lora: LoRA, path, format: str | None = None, dtype=None, metadata: dict[str, str] | None = None,
-              warn: bool = True) -> str:
+              warn: Callable[..., str | None] | None = None) -> str:
     """Write ``lora`` to ``path`` atomically; returns the format written (default: the
-    architecture's, the one every client loads). ``metadata`` adds or overrides header fields;
-    ``warn``: a :class:`ClientWarning` when some client would not load the file exactly."""
+    architecture's, the one every client loads). ``metadata`` adds or overrides header fields.
+    ``warn(lora, arch, format, dtype, tensors, header, path)`` returns a line for a
+    :class:`ClientWarning` or None (``loramerge.save`` passes :func:`loramerge.clients.write_warning`)."""
     arch = archs.spec(lora.arch)
     format = resolve_format(arch, format)
     dtype = resolve_dtype(dtype) or lora.dtype
@@ -92,7 +94,7 @@ def save_lora(lora: LoRA, path, format: str | None = None, dtype=None, metadata:
     tensors, header = encode(lora, arch, format, dtype, metadata)
     if warn:
         try:
-            message = client_warning(lora, arch, format, dtype, tensors, header, path)
+            message = warn(lora, arch, format, dtype, tensors, header, path)
         except Exception as exc:  # a diagnostic must not stop the write; say that it failed
             message = f"{path}: could not check how clients load it ({type(exc).__name__}: {exc})"
         if message:
@@ -149,37 +151,6 @@ def _without(lora: LoRA, dropped: list[LoraModule]) -> LoRA:
 
 # --------------------------------------------------------------------------------------------
 # what the clients will do with it
-
-
-def client_warning(lora: LoRA, arch: Architecture, format: str, dtype: torch.dtype, tensors: dict, header: dict,
-                   path) -> str | None:
-    """One line naming each client that would not load these tensors exactly (clients without a
-    loader for the architecture aside), what differs, and a format that loads there."""
-    from pathlib import Path
-
-    from ..clients import check
-    from .sources import DictSource
-
-    def report(fmt, t, h):
-        return check(DictSource(Path(path), t, h), arch=arch.name)
-
-    verdicts = [v for v in report(format, tensors, header).verdicts
-                if not v.exact and v.outcome not in ("unsupported", "unknown")]
-    if not verdicts:
-        return None
-    others = {}
-    for other in arch.formats:
-        if other != format:
-            try:
-                others[other] = report(other, *encode(lora, arch, other, dtype))
-            except LoraMergeError:  # a format that cannot hold these modules (Wan's transformer_2 in kohya)
-                continue
-    parts = []
-    for v in verdicts:
-        fixes = [f for f, r in others.items() if r.verdict(v.client).exact]
-        fix = f"--format {fixes[0]} loads exactly there" if fixes else "no format loramerge writes loads it exactly there"
-        parts.append(f"{v.label}: {v.summary()} ({fix})")
-    return f"{Path(path).name} in {format} format: " + "; ".join(parts)
 
 
 def complete_groups(lora: LoRA, arch: Architecture, format: str) -> LoRA:
