@@ -209,6 +209,9 @@ def test_fuse_into_a_flux_single_file(tmp_path):
         "double_blocks.0.txt_attn.proj.weight": w("transformer_blocks.0.attn.to_add_out"),
         "single_blocks.1.linear1.weight": torch.cat([w(n) for n in single]),
         "final_layer.adaLN_modulation.1.weight": swap(w("norm_out.linear")),
+        # a tensor only Flux.1 has: Flux.2 spells the four above alike, and the base's
+        # architecture is the one whose names the most tensors have
+        "vector_in.in_layer.weight": w("time_text_embed.text_embedder.linear_1"),
     }
     save_file(base, str(tmp_path / "flux.safetensors"))
     names = double_qkv + single + ["transformer_blocks.0.attn.to_add_out", "norm_out.linear"]

@@ -130,7 +130,7 @@ def test_dit_blocks_beyond_the_tables_are_read_with_a_warning(tmp_path):
     # Flux.1 has 38 single blocks (0–37); a longer custom Flux is read up to layer numbers
     name = "transformer.single_transformer_blocks.50.attn.to_q"
     save_file({f"{name}.lora_A.weight": torch.ones(2, 3072), f"{name}.lora_B.weight": torch.ones(3072, 2)},
-              str(tmp_path / "long.safetensors"))
+              str(tmp_path / "long.safetensors"), metadata={"ss_base_model_version": "flux1"})  # Chroma fits too
     with pytest.warns(loramerge.errors.LoraMergeWarning, match="beyond the largest known flux model"):
         lora = loramerge.load(tmp_path / "long.safetensors")
     assert lora.arch == "flux" and "transformer.single_transformer_blocks.50.attn.to_q" in lora

@@ -279,6 +279,13 @@ def write_text(path: PathLike, text: str) -> Path:
     return Path(path)
 
 
+def write_bytes(path: PathLike, data: bytes) -> Path:
+    """Atomically write a binary file (an image made in memory)."""
+    with Staged([path]) as (tmp,):
+        tmp.write_bytes(data)
+    return Path(path)
+
+
 def sha256_file(path: PathLike, chunk: int = 1 << 22) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -37,7 +37,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .atomic import atomic_write
+from .outputs import write_bytes, write_text
 from .errors import LoraMergeError, UsageError
 
 SAMPLERS = ("cmaes", "tpe", "random")
@@ -596,7 +596,7 @@ def write_outputs(config: TuneConfig, loras, trials: list[dict], best: dict, out
     recipe = recipe_dict(config, best["candidate"], None if config.composes else "tuned.safetensors")
     header = (f"# loramerge tune: best of {len(trials)} trials (trial {best['trial']}), "
               f"score {best['result']['score']:.4f} on objective {config.objective}\n")
-    paths = [atomic_write(out_dir / "best.yaml", header + yaml.safe_dump(recipe, sort_keys=False))]
+    paths = [write_text(out_dir / "best.yaml", header + yaml.safe_dump(recipe, sort_keys=False))]
     names = [d for d in trials[0]["candidate"]["values"]]
     metrics = sorted({k for t in trials for k in t["result"]})
     metrics = ["score"] + [m for m in metrics if m != "score"]
@@ -606,14 +606,14 @@ def write_outputs(config: TuneConfig, loras, trials: list[dict], best: dict, out
     for t in trials:
         writer.writerow([t["trial"], t["generation"], *[f"{t['result'].get(m, float('nan')):.6g}" for m in metrics],
                          *[f"{t['candidate']['values'][n]:.6g}" for n in names]])
-    paths.append(atomic_write(out_dir / "trials.csv", buffer.getvalue()))
+    paths.append(write_text(out_dir / "trials.csv", buffer.getvalue()))
     lines = [f"# loramerge tune ({config.sampler}, {len(trials)} trials, objective {config.objective})", "",
              "| trial | " + " | ".join(metrics + names) + " |", "|---:|" + "---:|" * (len(metrics) + len(names))]
     for t in trials:
         mark = " **best**" if t is best else ""
         lines.append(f"| {t['trial']}{mark} | " + " | ".join(f"{t['result'].get(m, float('nan')):.3f}" for m in metrics)
                      + " | " + " | ".join(f"{t['candidate']['values'][n]:.3f}" for n in names) + " |")
-    paths.append(atomic_write(out_dir / "trials.md", "\n".join(lines) + "\n"))
+    paths.append(write_text(out_dir / "trials.md", "\n".join(lines) + "\n"))
     paths.append(_plot(trials, out_dir / "tune.png"))
     return paths
 
@@ -655,4 +655,4 @@ def _plot(trials: list[dict], path: Path) -> Path:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return atomic_write(path, buffer.getvalue())
+    return write_bytes(path, buffer.getvalue())

@@ -100,7 +100,7 @@ def check_module(raw: "RawModule", source: "TensorSource") -> None:
                 c.fail(f"alpha {key!r} must be one number, not a {str(dtype).removeprefix('torch.')} tensor "
                        f"of shape {list(shape)}", FileFormatError)
             continue
-        if role in ("dora", "norm"):
+        if role in ("dora", "norm", "ia3_on_input"):  # LyCORIS IA3's on_input is a flag (bool/int)
             continue
         if not dtype.is_floating_point:
             c.fail(f"tensor {key!r} is {str(dtype).removeprefix('torch.')}; LoRA factors are floating point",

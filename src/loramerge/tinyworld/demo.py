@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import tinyworld as tw
-from ..atomic import atomic_write
+from ..outputs import write_bytes, write_text
 from ..fuse import fuse
 from ..io import save
 from . import composition as comp
@@ -45,7 +45,7 @@ def save_png(images: np.ndarray, path: Path, scale: int = 3) -> None:
     picture = Image.fromarray((canvas.clip(0, 1) * 255).astype(np.uint8), mode="L")
     buffer = io.BytesIO()
     picture.resize((picture.width * scale, picture.height * scale), Image.NEAREST).save(buffer, format="PNG")
-    atomic_write(path, buffer.getvalue())
+    write_bytes(path, buffer.getvalue())
 
 
 def _by_digit(images, per_digit: int) -> np.ndarray:
@@ -103,7 +103,7 @@ def run_demo(out_dir: Path = Path("loramerge-demo"), styles=("bold", "slanted"),
     record(score, images, "fused", "loramerge fuse → from_pretrained")
 
     page = out_dir / "index.html"
-    atomic_write(page, _html(rows, styles, per_digit, time.perf_counter() - start))
+    write_text(page, _html(rows, styles, per_digit, time.perf_counter() - start))
     return page
 
 
