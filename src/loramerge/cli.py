@@ -95,6 +95,19 @@ def run_guarded(fn: Callable[[], None], threads: Optional[int] = None) -> None:
         warnings.showwarning = previous
 
 
+def quiet_libraries() -> None:
+    """diffusers' and transformers' own progress bars and notices (pipeline components loading,
+    torchvision fallbacks) off: commands that load pipelines print only loramerge's lines."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+
+
 def make_progress() -> Progress:
     return Progress(
         TextColumn("[progress.description]{task.description}"),
@@ -481,6 +494,8 @@ def generate(
     def body():
         from .generate import generate_grid, parse_axis
 
+        quiet_libraries()
+
         axis = parse_axis(grid)
         target = check_output(output, [str(base)] + [p for p, _ in map(parse_source, lora)],
                               follow_symlinks=follow_symlinks)
@@ -537,6 +552,7 @@ def demo(
     def body():
         from .tinyworld.demo import run_demo
 
+        quiet_libraries()
         chosen = tuple(s.strip() for s in styles.split(",") if s.strip())
         if len(chosen) != 2:
             raise UsageError("--styles takes two style names, e.g. bold,slanted")

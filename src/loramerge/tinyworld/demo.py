@@ -107,6 +107,11 @@ def run_demo(out_dir: Path = Path("loramerge-demo"), styles=("bold", "slanted"),
     return page
 
 
+def _number(value) -> str:
+    """Two decimals, or "–" where the value does not apply (absent or not a number)."""
+    return "–" if value is None or value != value else f"{value:.2f}"
+
+
 def _html(rows, styles, per_digit: int, seconds: float) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in
                    ["mix", "digit accuracy", *[f"{s} hits" for s in styles], *[f"{s} retention" for s in styles],
@@ -115,9 +120,9 @@ def _html(rows, styles, per_digit: int, seconds: float) -> str:
     for score, picture, note in rows:
         cells = [f"<b>{html.escape(score.label)}</b><br><small>{html.escape(note)}</small>",
                  f"{score.accuracy:.2f}"]
-        cells += [f"{score.hits.get(s, float('nan')):.2f}" for s in styles]
-        cells += [f"{score.retention[s]:.2f}" if score.retention else "–" for s in styles]
-        cells.append(f"{score.composition:.2f}" if score.retention else "–")
+        cells += [_number(score.hits.get(s)) for s in styles]
+        cells += [_number(score.retention.get(s)) if score.retention else "–" for s in styles]
+        cells.append(_number(score.composition) if score.retention else "–")
         cells.append(f'<img src="{html.escape(picture)}" alt="{html.escape(score.label)}">')
         body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     return f"""<!doctype html>
