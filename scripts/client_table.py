@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from loramerge import LoRA, LoraModule, clients
-from loramerge.errors import ClientWarning
+from loramerge.errors import ClientWarning, LoraMergeError
 from loramerge.formats import archs, keymaps
 from loramerge.formats.write import save_lora
 
@@ -32,6 +32,8 @@ def full_lora(arch: archs.Architecture, t5: bool) -> LoRA:
         if config["_class_name"].startswith("T5") and not t5:
             continue
         for i, (name, shape) in enumerate(sorted(names.items())):
+            if len(shape) < 2:  # norm weights: not LoRA targets
+                continue
             up, down = torch.full((shape[0], 1), 1e-3), torch.full((1, math.prod(shape[1:])), 1e-3)
             modules.append(LoraModule.from_factors(component, name, up, down, tuple(shape), alpha=1.0 + i % 3))
     lora = LoRA(modules, arch.name)
@@ -48,7 +50,12 @@ def table(names: list[str], t5: bool) -> list[dict]:
             lora = full_lora(arch, t5)
             for fmt in arch.formats:
                 path = Path(tmp) / f"{name}-{fmt}.safetensors"
-                save_lora(lora, path, format=fmt, dtype=torch.float16)
+                try:
+                    save_lora(lora, path, format=fmt, dtype=torch.float16)
+                except LoraMergeError as exc:  # a format that cannot hold some module
+                    rows.append({"arch": name, "format": fmt, "default": fmt == arch.default_format,
+                                 "clients": {c: f"not written: {exc}" for c in clients.CLIENTS}})
+                    continue
                 report = clients.check(path, arch=name)
                 rows.append({"arch": name, "format": fmt, "default": fmt == arch.default_format,
                              "clients": {v.client: ("✓" if v.exact else v.summary()) for v in report.verdicts}})
