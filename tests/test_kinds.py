@@ -406,11 +406,15 @@ def test_lycoris_base_dependent_types_match_lycoris(world, lycoris_file):
     path, refs = lycoris_file
     lora = loramerge.load(path)
     assert {m.kind for m in lora} == {"lora+dora", "loha+dora", "lokr+dora", "ia3", "oft", "boft", "glora"}
+    errors = {}
     for (component, name), (label, merged) in refs.items():
         module = lora[f"{component}.{name}"]
         base = param(pipe, component, name)
         ours = base + module.delta_given(base)
-        assert rel(ours, merged, base) < 2e-5, label
+        errors[label] = max(errors.get(label, 0.0), rel(ours, merged, base))
+        assert errors[label] < 2e-5, label
+    print("\nagainst LyCORIS's own merged weights, max relative error of W' - W: "
+          + ", ".join(f"{k} {v:.1e}" for k, v in sorted(errors.items())))
 
 
 def test_lycoris_types_fuse_attach_and_merge_against_a_base(world, lycoris_file, tmp_path):
