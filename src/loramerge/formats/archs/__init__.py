@@ -252,5 +252,7 @@ def describe() -> list[dict]:
             "name": arch.name, "label": arch.label, "variants": list(arch.variants),
             "components": list(arch.component_names), "reads": reads,
             "writes": list(arch.formats), "default_format": arch.default_format,
+            # the block kinds --block-weights takes for a transformer (UNets: A1111's IN/MID/OUT)
+            "block_kinds": list(getattr(arch.blocks, "kinds", {})) or None,
         })
     return rows
