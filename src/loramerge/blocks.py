@@ -175,7 +175,7 @@ def from_dict(spec: dict, arch: str) -> BlockWeights:
             _transformer_dict(weights, value, arch, key)
         else:
             raise UsageError(f"block weights: {key!r} is not a component of {arch_spec.label} "
-                             f"({', '.join(arch_spec.components)}) nor a module pattern")
+                             f"({', '.join(arch_spec.component_names)}) nor a module pattern")
     return weights
 
 

@@ -9,9 +9,11 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 
 
 def one_line(text: str) -> str:
-    """``text`` on one line, literally: control characters (newlines included) as escapes."""
-    return _CONTROL.sub(lambda m: repr(m.group())[1:-1] if m.group() not in "\u2028\u2029"
+    """``text`` on one line, literally: control characters (newlines included) as escapes, and
+    lone surrogates (from undecodable names) as ``\\udXXX`` so that any stream can print it."""
+    flat = _CONTROL.sub(lambda m: repr(m.group())[1:-1] if m.group() not in "\u2028\u2029"
                         else f"\\u{ord(m.group()):04x}", str(text))
+    return flat.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class LoraMergeError(Exception):
