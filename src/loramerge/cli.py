@@ -68,31 +68,26 @@ def _show_warning(message, category, filename, lineno, file=None, line=None) -> 
 
 def run_guarded(fn: Callable[[], None], threads: Optional[int] = None) -> None:
     """Run a command inside the error boundary (see the module's docstring)."""
-    previous = warnings.showwarning
-    warnings.showwarning = _show_warning
-    filters = warnings.catch_warnings()
-    filters.__enter__()
-    warnings.simplefilter("always", ClientWarning)  # one line per file written, every time
-    try:
-        _set_threads(threads)
-        fn()
-    except LoraMergeError as exc:
-        say("error: ", exc)
-        raise typer.Exit(EXIT_USER) from None
-    except typer.Exit:
-        raise
-    except KeyboardInterrupt:
-        say("", "interrupted")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    except Exception as exc:  # noqa: BLE001 — the boundary: anything else is a bug
-        if os.environ.get("LORAMERGE_DEBUG"):
+    with warnings.catch_warnings():  # restores the filters and showwarning afterwards
+        warnings.showwarning = _show_warning
+        warnings.simplefilter("always", ClientWarning)  # one line per file written, every time
+        try:
+            _set_threads(threads)
+            fn()
+        except LoraMergeError as exc:
+            say("error: ", exc)
+            raise typer.Exit(EXIT_USER) from None
+        except typer.Exit:
             raise
-        say("internal error: ", f"{type(exc).__name__}: {exc}; please report it "
-            "(LORAMERGE_DEBUG=1 prints the traceback)")
-        raise typer.Exit(EXIT_INTERNAL) from None
-    finally:
-        filters.__exit__(None, None, None)
-        warnings.showwarning = previous
+        except KeyboardInterrupt:
+            say("", "interrupted")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except Exception as exc:  # noqa: BLE001 — the boundary: anything else is a bug
+            if os.environ.get("LORAMERGE_DEBUG"):
+                raise
+            say("internal error: ", f"{type(exc).__name__}: {exc}; please report it "
+                "(LORAMERGE_DEBUG=1 prints the traceback)")
+            raise typer.Exit(EXIT_INTERNAL) from None
 
 
 def quiet_libraries() -> None:
