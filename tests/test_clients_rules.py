@@ -217,6 +217,21 @@ def test_check_bad_input_is_one_line_exit_2(tmp_path, args, needle):
     assert len(lines) == 1 and needle in lines[0], err
 
 
+@pytest.mark.parametrize("kind, tensors", [
+    ("ia3", {".weight": torch.full((320,), 0.1), ".on_input": torch.tensor(False)}),
+    ("oft", {".oft_blocks": torch.full((4, 80, 80), 0.01), ".alpha": torch.tensor(0.0)}),
+])
+def test_check_says_what_it_does_not_model(tmp_path, kind, tensors):
+    """LyCORIS IA3 and OFT files (read, applied given a base): check restates no client's handling
+    of them, so every client is 'unknown' (exit 1), never an internal error."""
+    key = "lora_unet_" + Q.replace(".", "_")
+    path = write(tmp_path, kind, "sd1", {key + suffix: t for suffix, t in tensors.items()})
+    found = verdicts(path)
+    assert {v.outcome for v in found.values()} == {"unknown"}
+    assert all(f"applies {kind} modules is not modelled" in v.message for v in found.values())
+    code, out, err = run("check", path)
+    assert code == 1 and err == "" and "unknown" in out
+
 def test_check_command_exit_codes_json_fix_and_inspect(tmp_path):
     peft = write(tmp_path, "peft", "sd1", lora(f"unet.{Q}", up=".lora_B.weight", down=".lora_A.weight"),
                  lora(f"unet.{FF}", up=".lora_B.weight", down=".lora_A.weight"))

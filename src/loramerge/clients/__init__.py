@@ -210,6 +210,10 @@ def judge(name: str, label: str, file: FileView, reading: Reading) -> Verdict:
 # the clients
 
 
+# module kinds whose loading check restates; IA3, OFT/BOFT, GLoRA and LyCORIS norm modules are not
+MODELLED_KINDS = frozenset({"lora", "loha", "lokr", "full"})
+
+
 class Client:
     """Base: a client reads a :class:`FileView` with the architecture's facts for it.
     ``read_from``: the source and version its rules were restated from."""
@@ -227,6 +231,9 @@ class Client:
                                       f"(add them to its architecture entry)")
         if facts.loader is None:
             return Reading("unsupported", f"{self.label} has no LoRA loader for {file.arch.label}; nothing is applied")
+        unmodelled = sorted({m.kind for m in file.modules} - MODELLED_KINDS)
+        if unmodelled:
+            return Reading("unknown", f"how {self.label} applies {', '.join(unmodelled)} modules is not modelled")
         return self.load(file, facts)
 
     def load(self, file: FileView, facts: ClientFacts) -> Reading:

@@ -108,11 +108,13 @@ class Parsed:
 
     def scale(self, raw: RawModule) -> float:
         """The scale s of the module's ΔW = s · (product of its factors) as this reader reads it."""
-        match = self.match(raw)
-        if kind_of(raw) == "lora":
-            alpha, rank, _ = _lora_alpha(raw, match, self.source, self.configs)
+        kind = kind_of(raw)
+        if kind == "lora":
+            alpha, rank, _ = _lora_alpha(raw, self.match(raw), self.source, self.configs)
             return alpha / rank
-        return _lycoris_scale(raw, self.source, self.shapes[placed_prefix(raw)])[0]
+        if kind in ("loha", "lokr", "full"):
+            return _lycoris_scale(raw, self.source, self.shapes[placed_prefix(raw)])[0]
+        return 1.0  # IA3, OFT/BOFT, GLoRA, norm: no product of factors to scale (a function of the base)
 
 
 def parse(source: TensorSource, arch: str | None = None) -> Parsed:
